@@ -1,0 +1,461 @@
+//! Named caches owned by the host: LRU eviction under an entry bound and an
+//! optional byte bound, with the per-cache figures `stats` prints.
+//!
+//! Values are stored as `Arc<[u8]>` so that a hit hands the plugin the bytes
+//! without copying and without keeping any lock: the plugin holds a lease (one
+//! reference) until it releases the value.
+
+use std::collections::HashMap;
+use std::num::NonZeroUsize;
+use std::sync::Arc;
+
+use lru::LruCache;
+use parking_lot::{Mutex, RwLock};
+use serde::Serialize;
+
+/// Entry bound of a cache that nobody declared or configured.
+pub const DEFAULT_MAX_ENTRIES: usize = 100_000;
+
+/// Bounds of one cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bounds {
+    /// Maximum number of entries.
+    pub max_entries: NonZeroUsize,
+    /// Maximum bytes of keys plus values; `None` is unbounded.
+    pub max_bytes: Option<u64>,
+}
+
+impl Default for Bounds {
+    fn default() -> Self {
+        Bounds {
+            max_entries: NonZeroUsize::new(DEFAULT_MAX_ENTRIES).unwrap(),
+            max_bytes: None,
+        }
+    }
+}
+
+impl std::str::FromStr for Bounds {
+    type Err = String;
+
+    /// Parses `ENTRIES[:BYTES]`, as in `--cache square=1000:1048576`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (entries, bytes) = match s.split_once(':') {
+            Some((e, b)) => (e, Some(b)),
+            None => (s, None),
+        };
+        let max_entries = entries
+            .trim()
+            .parse::<NonZeroUsize>()
+            .map_err(|_| format!("entry bound {entries:?} is not a positive integer"))?;
+        let max_bytes = bytes
+            .map(|b| {
+                b.trim()
+                    .parse::<u64>()
+                    .ok()
+                    .filter(|&b| b > 0)
+                    .ok_or_else(|| format!("byte bound {b:?} is not a positive integer"))
+            })
+            .transpose()?;
+        Ok(Bounds {
+            max_entries,
+            max_bytes,
+        })
+    }
+}
+
+/// The figures of one cache, as `keepwarm stats --json` prints them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct CacheStats {
+    /// The cache's name.
+    pub name: String,
+    /// Entries now.
+    pub entries: u64,
+    /// Bytes of keys plus values now.
+    pub bytes: u64,
+    /// The entry bound.
+    pub capacity: u64,
+    /// The byte bound; `None` (JSON null) when unbounded.
+    pub max_bytes: Option<u64>,
+    /// Lookups that found their key.
+    pub hits: u64,
+    /// Lookups that did not.
+    pub misses: u64,
+    /// Values stored (new keys and replacements).
+    pub inserts: u64,
+    /// Entries dropped to respect the bounds.
+    pub evictions: u64,
+    /// Times the cache was reset.
+    pub resets: u64,
+}
+
+/// Why a put was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PutError {
+    /// The key and value alone exceed the byte bound.
+    TooLarge,
+}
+
+struct Inner {
+    lru: LruCache<Box<[u8]>, Arc<[u8]>>,
+    bounds: Bounds,
+    bytes: u64,
+    hits: u64,
+    misses: u64,
+    inserts: u64,
+    evictions: u64,
+    resets: u64,
+    code_hash: u64,
+}
+
+impl Inner {
+    fn evict_to_bounds(&mut self) {
+        while self.lru.len() > self.bounds.max_entries.get()
+            || self.bounds.max_bytes.is_some_and(|max| self.bytes > max)
+        {
+            let Some((k, v)) = self.lru.pop_lru() else {
+                break;
+            };
+            self.bytes -= entry_bytes(&k, &v);
+            self.evictions += 1;
+        }
+    }
+}
+
+fn entry_bytes(key: &[u8], value: &[u8]) -> u64 {
+    (key.len() + value.len()) as u64
+}
+
+/// One named cache.
+pub struct Cache {
+    name: String,
+    inner: Mutex<Inner>,
+}
+
+impl Cache {
+    /// An empty cache with these bounds.
+    pub fn new(name: impl Into<String>, bounds: Bounds) -> Cache {
+        Cache {
+            name: name.into(),
+            inner: Mutex::new(Inner {
+                lru: LruCache::unbounded(),
+                bounds,
+                bytes: 0,
+                hits: 0,
+                misses: 0,
+                inserts: 0,
+                evictions: 0,
+                resets: 0,
+                code_hash: 0,
+            }),
+        }
+    }
+
+    /// The cache's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Looks `key` up, marking it most recently used on a hit.
+    pub fn get(&self, key: &[u8]) -> Option<Arc<[u8]>> {
+        let mut inner = self.inner.lock();
+        match inner.lru.get(key) {
+            Some(v) => {
+                let v = Arc::clone(v);
+                inner.hits += 1;
+                Some(v)
+            }
+            None => {
+                inner.misses += 1;
+                None
+            }
+        }
+    }
+
+    /// Stores `value` under `key`, evicting least recently used entries until
+    /// the bounds hold again.
+    pub fn put(&self, key: &[u8], value: &[u8]) -> Result<(), PutError> {
+        let size = entry_bytes(key, value);
+        // Copy outside the lock: the critical section stays short.
+        let value: Arc<[u8]> = Arc::from(value);
+        let mut inner = self.inner.lock();
+        if inner.bounds.max_bytes.is_some_and(|max| size > max) {
+            return Err(PutError::TooLarge);
+        }
+        if let Some(old) = inner.lru.get_mut(key) {
+            let old_size = entry_bytes(key, old);
+            *old = value;
+            inner.bytes = inner.bytes - old_size + size;
+        } else {
+            inner.lru.push(Box::from(key), value);
+            inner.bytes += size;
+        }
+        inner.inserts += 1;
+        inner.evict_to_bounds();
+        Ok(())
+    }
+
+    /// Drops every entry; returns how many there were.
+    pub fn reset(&self) -> u64 {
+        let mut inner = self.inner.lock();
+        let n = inner.lru.len() as u64;
+        inner.lru.clear();
+        inner.bytes = 0;
+        inner.resets += 1;
+        n
+    }
+
+    /// Changes the bounds, evicting at once if the new ones are tighter.
+    pub fn set_bounds(&self, bounds: Bounds) {
+        let mut inner = self.inner.lock();
+        inner.bounds = bounds;
+        inner.evict_to_bounds();
+    }
+
+    /// The current bounds.
+    pub fn bounds(&self) -> Bounds {
+        self.inner.lock().bounds
+    }
+
+    /// Records the code hash of the code that fills the cache. Returns true
+    /// when a different non-zero hash was recorded before: the caller resets.
+    pub fn swap_code_hash(&self, hash: u64) -> bool {
+        let mut inner = self.inner.lock();
+        let changed = inner.code_hash != 0 && hash != 0 && inner.code_hash != hash;
+        if hash != 0 {
+            inner.code_hash = hash;
+        }
+        changed
+    }
+
+    /// A snapshot of the figures.
+    pub fn stats(&self) -> CacheStats {
+        let inner = self.inner.lock();
+        CacheStats {
+            name: self.name.clone(),
+            entries: inner.lru.len() as u64,
+            bytes: inner.bytes,
+            capacity: inner.bounds.max_entries.get() as u64,
+            max_bytes: inner.bounds.max_bytes,
+            hits: inner.hits,
+            misses: inner.misses,
+            inserts: inner.inserts,
+            evictions: inner.evictions,
+            resets: inner.resets,
+        }
+    }
+}
+
+/// All the caches of one host, by name. Caches are created on first use and
+/// never removed (a reset empties them), so a reload never loses one.
+#[derive(Default)]
+pub struct Store {
+    caches: RwLock<HashMap<String, Arc<Cache>>>,
+    /// Bounds set by the user (`--cache`); they win over a plugin's declaration.
+    overrides: HashMap<String, Bounds>,
+}
+
+impl Store {
+    /// A store whose caches named in `overrides` get those bounds.
+    pub fn with_overrides(overrides: HashMap<String, Bounds>) -> Store {
+        Store {
+            caches: RwLock::default(),
+            overrides,
+        }
+    }
+
+    /// The cache named `name`, if it exists.
+    pub fn get(&self, name: &str) -> Option<Arc<Cache>> {
+        self.caches.read().get(name).cloned()
+    }
+
+    /// The cache named `name`, created with the default (or overridden)
+    /// bounds if it does not exist yet.
+    pub fn cache(&self, name: &str) -> Arc<Cache> {
+        if let Some(c) = self.caches.read().get(name) {
+            return Arc::clone(c);
+        }
+        let mut caches = self.caches.write();
+        let bounds = self.overrides.get(name).copied().unwrap_or_default();
+        Arc::clone(
+            caches
+                .entry(name.to_owned())
+                .or_insert_with(|| Arc::new(Cache::new(name, bounds))),
+        )
+    }
+
+    /// Runs `f` on the named cache (created on first use) without cloning
+    /// the `Arc`: the hot path of `cache_get` and `cache_put`.
+    pub fn with_cache<R>(&self, name: &str, f: impl FnOnce(&Cache) -> R) -> R {
+        {
+            let caches = self.caches.read();
+            if let Some(c) = caches.get(name) {
+                return f(c);
+            }
+        }
+        f(&self.cache(name))
+    }
+
+    /// Applies a plugin's declaration: bounds (unless the user overrode
+    /// them) and code hash. Returns true when the code hash changed and the
+    /// cache was reset.
+    pub fn declare(&self, name: &str, declared: Option<Bounds>, code_hash: u64) -> bool {
+        let cache = self.cache(name);
+        if !self.overrides.contains_key(name) {
+            if let Some(b) = declared {
+                if cache.bounds() != b {
+                    cache.set_bounds(b);
+                }
+            }
+        }
+        if cache.swap_code_hash(code_hash) {
+            cache.reset();
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Resets one cache; `None` when no cache has that name.
+    pub fn reset(&self, name: &str) -> Option<u64> {
+        self.get(name).map(|c| c.reset())
+    }
+
+    /// Resets every cache; returns the number of entries dropped.
+    pub fn reset_all(&self) -> u64 {
+        self.all().iter().map(|c| c.reset()).sum()
+    }
+
+    /// Every cache, sorted by name.
+    pub fn all(&self) -> Vec<Arc<Cache>> {
+        let mut v: Vec<_> = self.caches.read().values().cloned().collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    }
+
+    /// The figures of every cache, sorted by name.
+    pub fn stats(&self) -> Vec<CacheStats> {
+        self.all().iter().map(|c| c.stats()).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bounds(entries: usize, bytes: Option<u64>) -> Bounds {
+        Bounds {
+            max_entries: NonZeroUsize::new(entries).unwrap(),
+            max_bytes: bytes,
+        }
+    }
+
+    #[test]
+    fn evicts_least_recently_used_first() {
+        let c = Cache::new("t", bounds(2, None));
+        c.put(b"a", b"1").unwrap();
+        c.put(b"b", b"2").unwrap();
+        assert!(c.get(b"a").is_some()); // a is now most recent
+        c.put(b"c", b"3").unwrap(); // evicts b
+        assert!(c.get(b"b").is_none());
+        assert_eq!(&*c.get(b"a").unwrap(), b"1");
+        assert_eq!(&*c.get(b"c").unwrap(), b"3");
+        let s = c.stats();
+        assert_eq!((s.entries, s.evictions, s.inserts), (2, 1, 3));
+    }
+
+    #[test]
+    fn byte_bound_evicts_until_it_holds() {
+        let c = Cache::new("t", bounds(100, Some(10)));
+        c.put(b"a", b"1234").unwrap(); // 5 bytes
+        c.put(b"b", b"1234").unwrap(); // 10 bytes
+        c.put(b"c", b"12").unwrap(); // 13 > 10: evicts a
+        let s = c.stats();
+        assert_eq!((s.entries, s.bytes, s.evictions), (2, 8, 1));
+        assert!(c.get(b"a").is_none());
+        assert_eq!(c.put(b"big", b"123456789"), Err(PutError::TooLarge));
+        assert_eq!(c.stats().entries, 2, "a refused put evicts nothing");
+    }
+
+    #[test]
+    fn replacing_a_value_keeps_bytes_exact() {
+        let c = Cache::new("t", bounds(10, None));
+        c.put(b"k", b"12345").unwrap();
+        c.put(b"k", b"1").unwrap();
+        let s = c.stats();
+        assert_eq!((s.entries, s.bytes, s.inserts), (1, 2, 2));
+    }
+
+    #[test]
+    fn figures_count_hits_misses_and_resets() {
+        let c = Cache::new("t", bounds(10, None));
+        assert!(c.get(b"k").is_none());
+        c.put(b"k", b"v").unwrap();
+        assert!(c.get(b"k").is_some());
+        assert!(c.get(b"k").is_some());
+        assert_eq!(c.reset(), 1);
+        assert!(c.get(b"k").is_none());
+        let s = c.stats();
+        assert_eq!(
+            (s.hits, s.misses, s.inserts, s.resets, s.entries, s.bytes),
+            (2, 2, 1, 1, 0, 0)
+        );
+    }
+
+    #[test]
+    fn a_leased_value_survives_eviction_and_reset() {
+        let c = Cache::new("t", bounds(1, None));
+        c.put(b"a", b"alpha").unwrap();
+        let leased = c.get(b"a").unwrap();
+        c.put(b"b", b"beta").unwrap(); // evicts a
+        c.reset();
+        assert_eq!(&*leased, b"alpha");
+    }
+
+    #[test]
+    fn tighter_bounds_evict_at_once() {
+        let c = Cache::new("t", bounds(10, None));
+        for i in 0..10u8 {
+            c.put(&[i], b"v").unwrap();
+        }
+        c.set_bounds(bounds(3, None));
+        let s = c.stats();
+        assert_eq!((s.entries, s.evictions, s.capacity), (3, 7, 3));
+        assert!(c.get(&[9]).is_some() && c.get(&[0]).is_none());
+    }
+
+    #[test]
+    fn store_creates_on_first_use_and_overrides_win() {
+        let mut o = HashMap::new();
+        o.insert("square".to_owned(), bounds(5, Some(100)));
+        let store = Store::with_overrides(o);
+        store.declare("square", Some(bounds(1000, None)), 0);
+        store.declare("fib", Some(bounds(7, None)), 0);
+        assert_eq!(store.cache("square").bounds(), bounds(5, Some(100)));
+        assert_eq!(store.cache("fib").bounds(), bounds(7, None));
+        assert_eq!(store.cache("new").bounds(), Bounds::default());
+        let names: Vec<_> = store.stats().into_iter().map(|s| s.name).collect();
+        assert_eq!(names, ["fib", "new", "square"]);
+    }
+
+    #[test]
+    fn changed_code_hash_resets_only_that_cache() {
+        let store = Store::default();
+        assert!(!store.declare("a", None, 1));
+        assert!(!store.declare("b", None, 7));
+        store.cache("a").put(b"k", b"v").unwrap();
+        store.cache("b").put(b"k", b"v").unwrap();
+        assert!(!store.declare("b", None, 7));
+        assert!(store.declare("a", None, 2));
+        assert_eq!(store.cache("a").stats().entries, 0);
+        assert_eq!(store.cache("b").stats().entries, 1);
+    }
+
+    #[test]
+    fn bounds_parse_like_the_cli() {
+        assert_eq!("10".parse::<Bounds>().unwrap(), bounds(10, None));
+        assert_eq!("10:4096".parse::<Bounds>().unwrap(), bounds(10, Some(4096)));
+        assert!("0".parse::<Bounds>().is_err());
+        assert!("x:1".parse::<Bounds>().is_err());
+        assert!("1:0".parse::<Bounds>().is_err());
+    }
+}

@@ -1,0 +1,329 @@
+//! The command line: argument definitions shared by the binary and the
+//! prompt, the exit statuses, and how answers are shown.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::cache::{Bounds, CacheStats};
+use crate::control::protocol::{ErrorCode, Request, Response};
+use crate::host::Status;
+
+/// Exit status: success.
+pub const EXIT_OK: i32 = 0;
+/// Exit status: the operation failed (plugin error or panic, unknown cache or function).
+pub const EXIT_FAILED: i32 = 1;
+/// Exit status: usage error.
+pub const EXIT_USAGE: i32 = 2;
+/// Exit status: no host reachable at the socket.
+pub const EXIT_NO_HOST: i32 = 3;
+
+/// keepwarm: a hot-reload host for dynamic libraries whose caches survive every reload.
+#[derive(Debug, Parser)]
+#[command(name = "keepwarm", version, propagate_version = true)]
+#[command(
+    after_help = "Start a host:   keepwarm run target/debug/libexample_plugin.so\n\
+From another terminal:  keepwarm call square 10 · keepwarm reset square · keepwarm stats"
+)]
+pub struct Cli {
+    /// The control socket of the host to talk to [default: the one running host's socket]
+    #[arg(long, global = true, env = "KEEPWARM_SOCKET", value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Load LIB, reload it whenever it changes, and serve the control socket
+    #[command(
+        after_help = "Example:\n  keepwarm run target/debug/libexample_plugin.so --cache square=1000:1048576"
+    )]
+    Run(RunArgs),
+    /// Commands for a running host.
+    #[command(flatten)]
+    Control(ControlCommand),
+}
+
+/// Arguments of `keepwarm run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// The plugin library (.so) to load and watch
+    #[arg(value_name = "LIB")]
+    pub library: PathBuf,
+    /// Do not read commands from the terminal
+    #[arg(long)]
+    pub no_repl: bool,
+    /// Bound a cache: at most ENTRIES entries and, optionally, BYTES bytes of keys plus values
+    #[arg(long = "cache", value_name = "NAME=ENTRIES[:BYTES]", value_parser = parse_cache_bound)]
+    pub caches: Vec<(String, Bounds)>,
+}
+
+fn parse_cache_bound(s: &str) -> Result<(String, Bounds), String> {
+    let (name, bounds) = s
+        .split_once('=')
+        .ok_or_else(|| format!("expected NAME=ENTRIES[:BYTES], got {s:?}"))?;
+    if name.is_empty() {
+        return Err("the cache name is empty".into());
+    }
+    Ok((name.to_owned(), bounds.parse()?))
+}
+
+/// Commands that talk to a running host (also typed at the prompt of `run`).
+#[derive(Debug, Subcommand)]
+pub enum ControlCommand {
+    /// Call an exported plugin function and print its result as JSON
+    #[command(
+        after_help = "Each ARG that parses as JSON is that value, otherwise a string.\n\
+Example:\n  keepwarm call square 10      # prints 100\n  keepwarm call version        # prints \"v1\""
+    )]
+    Call {
+        /// The function's name
+        function: String,
+        /// Its arguments
+        #[arg(allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Drop the entries of one named cache, or of all
+    #[command(after_help = "Example:\n  keepwarm reset square\n  keepwarm reset --all")]
+    Reset {
+        /// The cache
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        cache: Option<String>,
+        /// Reset every cache
+        #[arg(long)]
+        all: bool,
+    },
+    /// Per-cache figures
+    #[command(after_help = "Example:\n  keepwarm stats\n  keepwarm stats square --json")]
+    Stats {
+        /// Only this cache
+        cache: Option<String>,
+        /// Print JSON
+        #[arg(long)]
+        json: bool,
+    },
+    /// What is loaded
+    #[command(after_help = "Example:\n  keepwarm status --json")]
+    Status {
+        /// Print JSON
+        #[arg(long)]
+        json: bool,
+    },
+    /// Reload the library now, without waiting for a file change
+    #[command(after_help = "Example:\n  keepwarm reload")]
+    Reload,
+}
+
+/// `call` arguments: JSON when it parses as JSON, else a string.
+pub fn parse_call_arg(arg: &str) -> serde_json::Value {
+    serde_json::from_str(arg).unwrap_or_else(|_| serde_json::Value::String(arg.to_owned()))
+}
+
+impl ControlCommand {
+    /// The protocol request for this command.
+    pub fn to_request(&self) -> Request {
+        match self {
+            ControlCommand::Call { function, args } => Request::Call {
+                v: Some(crate::control::protocol::PROTOCOL_VERSION),
+                function: function.clone(),
+                args: args.iter().map(|a| parse_call_arg(a)).collect(),
+            },
+            ControlCommand::Reset { cache, all } => Request::Reset {
+                v: Some(1),
+                cache: cache.clone(),
+                all: *all,
+            },
+            ControlCommand::Stats { cache, .. } => Request::Stats {
+                v: Some(1),
+                cache: cache.clone(),
+            },
+            ControlCommand::Status { .. } => Request::Status { v: Some(1) },
+            ControlCommand::Reload => Request::Reload { v: Some(1) },
+        }
+    }
+
+    /// Renders `response`: what to print on stdout, on stderr, and the exit status.
+    pub fn render(&self, response: &Response) -> Rendered {
+        if let Some(error) = &response.error {
+            let status = match error.code {
+                ErrorCode::BadRequest => EXIT_USAGE,
+                _ => EXIT_FAILED,
+            };
+            return Rendered {
+                stdout: String::new(),
+                stderr: format!("keepwarm: {}", error.message),
+                status,
+            };
+        }
+        let result = response.result.clone().unwrap_or(serde_json::Value::Null);
+        let stdout = match self {
+            ControlCommand::Call { .. } => result.to_string(),
+            ControlCommand::Stats { json: true, .. } | ControlCommand::Status { json: true } => {
+                serde_json::to_string_pretty(&result).unwrap_or_default()
+            }
+            ControlCommand::Stats { json: false, .. } => {
+                match serde_json::from_value::<Vec<CacheStats>>(result.clone()) {
+                    Ok(stats) => stats_table(&stats),
+                    Err(_) => result.to_string(),
+                }
+            }
+            ControlCommand::Status { json: false } => {
+                match serde_json::from_value::<Status>(result.clone()) {
+                    Ok(status) => status_text(&status),
+                    Err(_) => result.to_string(),
+                }
+            }
+            ControlCommand::Reset { .. } => {
+                let dropped = result.get("dropped").and_then(|d| d.as_u64()).unwrap_or(0);
+                match result.get("cache").and_then(|c| c.as_str()) {
+                    Some(name) => format!("reset {name}: {dropped} entries dropped"),
+                    None => format!("reset all caches: {dropped} entries dropped"),
+                }
+            }
+            ControlCommand::Reload => match result.get("generation") {
+                Some(g) => format!("generation {g} loaded"),
+                None => "unchanged".to_owned(),
+            },
+        };
+        Rendered {
+            stdout,
+            stderr: String::new(),
+            status: EXIT_OK,
+        }
+    }
+}
+
+/// A command's output and exit status.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rendered {
+    /// For standard output.
+    pub stdout: String,
+    /// For standard error.
+    pub stderr: String,
+    /// The exit status.
+    pub status: i32,
+}
+
+/// An aligned table of cache figures.
+pub fn stats_table(stats: &[CacheStats]) -> String {
+    let header = [
+        "cache",
+        "entries",
+        "bytes",
+        "capacity",
+        "max_bytes",
+        "hits",
+        "misses",
+        "inserts",
+        "evictions",
+        "resets",
+    ];
+    let rows: Vec<[String; 10]> = stats
+        .iter()
+        .map(|s| {
+            [
+                s.name.clone(),
+                s.entries.to_string(),
+                s.bytes.to_string(),
+                s.capacity.to_string(),
+                s.max_bytes.map_or("-".to_owned(), |b| b.to_string()),
+                s.hits.to_string(),
+                s.misses.to_string(),
+                s.inserts.to_string(),
+                s.evictions.to_string(),
+                s.resets.to_string(),
+            ]
+        })
+        .collect();
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                if i == 0 {
+                    format!("{c:<w$}", w = widths[i])
+                } else {
+                    format!("{c:>w$}", w = widths[i])
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("  ")
+    };
+    let mut out = vec![line(header.to_vec())];
+    for row in &rows {
+        out.push(line(row.iter().map(String::as_str).collect()));
+    }
+    if rows.is_empty() {
+        out.push("(no caches yet)".to_owned());
+    }
+    out.join("\n")
+}
+
+/// The human form of `status`.
+pub fn status_text(s: &Status) -> String {
+    let mut lines = vec![format!("library:        {}", s.library)];
+    match &s.plugin {
+        Some(name) => lines.push(format!(
+            "plugin:         {name}, generation {} (loaded in {:.1} ms)",
+            s.generation,
+            s.load_ms.unwrap_or(0.0)
+        )),
+        None => lines.push("plugin:         nothing loaded".to_owned()),
+    }
+    lines.push(format!("functions:      {}", s.functions.join(", ")));
+    lines.push(format!("caches:         {}", s.caches.join(", ")));
+    lines.push(format!("failed reloads: {}", s.failed_reloads));
+    lines.push(format!(
+        "last error:     {}",
+        s.last_error.as_deref().unwrap_or("-")
+    ));
+    lines.push(format!("pid:            {}", s.pid));
+    lines.join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn call_args_are_json_or_strings() {
+        assert_eq!(parse_call_arg("10"), serde_json::json!(10));
+        assert_eq!(parse_call_arg("[1,2]"), serde_json::json!([1, 2]));
+        assert_eq!(parse_call_arg("hello"), serde_json::json!("hello"));
+        assert_eq!(parse_call_arg("\"10\""), serde_json::json!("10"));
+    }
+
+    #[test]
+    fn cache_bounds_parse() {
+        let (name, b) = parse_cache_bound("square=10:100").unwrap();
+        assert_eq!(
+            (name.as_str(), b.max_entries.get(), b.max_bytes),
+            ("square", 10, Some(100))
+        );
+        assert!(parse_cache_bound("square").is_err());
+        assert!(parse_cache_bound("=1").is_err());
+    }
+
+    #[test]
+    fn the_cli_parses_the_contract() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+        let cli = Cli::try_parse_from(["keepwarm", "call", "square", "10"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Control(ControlCommand::Call { .. })
+        ));
+        assert!(Cli::try_parse_from(["keepwarm", "reset"]).is_err());
+        assert!(Cli::try_parse_from(["keepwarm", "reset", "--all"]).is_ok());
+        assert!(Cli::try_parse_from(["keepwarm", "reset", "x", "--all"]).is_err());
+    }
+}

@@ -1,0 +1,85 @@
+//! The client side of the control socket, used by the CLI subcommands.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+
+use super::protocol::{Request, Response};
+
+/// Why the client could not get an answer.
+#[derive(Debug)]
+pub enum ClientError {
+    /// No host answers at the socket (exit status 3).
+    NoHost(String),
+    /// Several hosts run and none was chosen (exit status 2).
+    Ambiguous(String),
+    /// The host answered something that is not a response.
+    Protocol(String),
+}
+
+impl std::fmt::Display for ClientError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ClientError::NoHost(m) | ClientError::Ambiguous(m) | ClientError::Protocol(m) => {
+                f.write_str(m)
+            }
+        }
+    }
+}
+
+/// Finds the socket of the host to talk to when neither `--socket` nor
+/// `KEEPWARM_SOCKET` named one: the one live socket in the runtime directory.
+pub fn discover() -> Result<PathBuf, ClientError> {
+    let dir = crate::paths::runtime_dir().map_err(|e| ClientError::NoHost(e.to_string()))?;
+    let mut live = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(&dir) {
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.extension().is_some_and(|e| e == "sock") && UnixStream::connect(&path).is_ok() {
+                live.push(path);
+            }
+        }
+    }
+    live.sort();
+    match live.len() {
+        0 => Err(ClientError::NoHost(format!(
+            "no keepwarm host is running (no live socket in {}); start one with `keepwarm run LIB`, or pass --socket PATH",
+            dir.display()
+        ))),
+        1 => Ok(live.remove(0)),
+        _ => Err(ClientError::Ambiguous(format!(
+            "{} keepwarm hosts are running; choose one with --socket PATH or KEEPWARM_SOCKET:\n{}",
+            live.len(),
+            live.iter().map(|p| format!("  {}", p.display())).collect::<Vec<_>>().join("\n")
+        ))),
+    }
+}
+
+/// Sends one request to the host at `socket` and reads its response.
+pub fn request(socket: &Path, request: &Request) -> Result<Response, ClientError> {
+    let mut stream = UnixStream::connect(socket).map_err(|e| {
+        ClientError::NoHost(format!(
+            "no keepwarm host answers at {} ({e}); start one with `keepwarm run LIB`",
+            socket.display()
+        ))
+    })?;
+    let mut line = serde_json::to_vec(request).expect("requests serialize");
+    line.push(b'\n');
+    stream
+        .write_all(&line)
+        .map_err(|e| ClientError::NoHost(format!("sending to {}: {e}", socket.display())))?;
+    let mut reader = BufReader::new(stream);
+    let mut answer = String::new();
+    reader.read_line(&mut answer).map_err(|e| {
+        ClientError::Protocol(format!("reading the answer from {}: {e}", socket.display()))
+    })?;
+    if answer.is_empty() {
+        return Err(ClientError::Protocol(format!(
+            "the host at {} closed the connection without answering",
+            socket.display()
+        )));
+    }
+    serde_json::from_str(&answer).map_err(|e| {
+        ClientError::Protocol(format!("the host sent an invalid response ({e}): {answer}"))
+    })
+}

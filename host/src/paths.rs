@@ -1,0 +1,91 @@
+//! Where the host keeps its private files: the runtime directory, shadow
+//! copies and the default control socket.
+//!
+//! The runtime directory is `$XDG_RUNTIME_DIR/keepwarm` when that variable is
+//! set, else `/tmp/keepwarm-$UID`. It is created with mode 0700 and must be
+//! owned by the current user: nobody else may place a socket or a library
+//! where the host would trust it.
+
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+
+/// The current user's id.
+pub fn uid() -> u32 {
+    // SAFETY: getuid has no preconditions and cannot fail.
+    unsafe { libc::getuid() }
+}
+
+/// The runtime directory, created (mode 0700) if needed.
+pub fn runtime_dir() -> anyhow::Result<PathBuf> {
+    let dir = match std::env::var_os("XDG_RUNTIME_DIR") {
+        Some(d) if !d.is_empty() => PathBuf::from(d).join("keepwarm"),
+        _ => std::env::temp_dir().join(format!("keepwarm-{}", uid())),
+    };
+    ensure_private_dir(&dir)?;
+    Ok(dir)
+}
+
+/// Creates `dir` with mode 0700 if missing, and checks that it is a directory
+/// owned by this user that nobody else can enter.
+pub fn ensure_private_dir(dir: &Path) -> anyhow::Result<()> {
+    match std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+    {
+        Ok(()) => {}
+        Err(e) => return Err(e).with_context(|| format!("creating {}", dir.display())),
+    }
+    let meta =
+        std::fs::symlink_metadata(dir).with_context(|| format!("inspecting {}", dir.display()))?;
+    if !meta.is_dir() {
+        bail!("{} is not a directory; remove it and retry", dir.display());
+    }
+    if meta.uid() != uid() {
+        bail!(
+            "{} belongs to uid {}, not to you (uid {}); set XDG_RUNTIME_DIR to a directory of yours",
+            dir.display(),
+            meta.uid(),
+            uid()
+        );
+    }
+    if meta.mode() & 0o077 != 0 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("making {} private (chmod 700)", dir.display()))?;
+    }
+    Ok(())
+}
+
+/// The default control socket of a host serving `library`:
+/// `RUNTIME_DIR/<file stem>-<8 hex digits of the absolute path's crc32>.sock`,
+/// so two hosts on two libraries never share one.
+pub fn default_socket(library: &Path) -> anyhow::Result<PathBuf> {
+    let absolute = std::path::absolute(library)?;
+    let stem = absolute
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "plugin".into());
+    let hash = crc32fast::hash(absolute.as_os_str().as_encoded_bytes());
+    Ok(runtime_dir()?.join(format!("{stem}-{hash:08x}.sock")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn two_libraries_get_two_sockets() {
+        let a = default_socket(Path::new("/x/a/libp.so")).unwrap();
+        let b = default_socket(Path::new("/x/b/libp.so")).unwrap();
+        assert_ne!(a, b);
+        assert!(a
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with("libp-"));
+        let mode = std::fs::metadata(a.parent().unwrap()).unwrap().mode();
+        assert_eq!(mode & 0o777, 0o700);
+    }
+}

@@ -1,0 +1,185 @@
+//! The prompt of `keepwarm run`: the control commands without the
+//! `keepwarm` word, with line editing, history and completion of command,
+//! function and cache names.
+
+use std::borrow::Cow;
+use std::sync::Arc;
+
+use clap::Parser;
+use parking_lot::Mutex;
+use rustyline::completion::{Completer, Pair};
+use rustyline::error::ReadlineError;
+use rustyline::highlight::Highlighter;
+use rustyline::hint::Hinter;
+use rustyline::validate::Validator;
+use rustyline::{Context, Editor, ExternalPrinter, Helper};
+
+use crate::cli::ControlCommand;
+use crate::host::Host;
+
+/// The commands of the prompt.
+#[derive(Debug, Parser)]
+#[command(name = "", no_binary_name = true, disable_version_flag = true)]
+#[command(help_template = "{subcommands}")]
+enum Line {
+    #[command(flatten)]
+    Control(ControlCommand),
+    /// Leave (also Ctrl-D)
+    #[command(alias = "exit")]
+    Quit,
+}
+
+const COMMANDS: &[&str] = &["call", "reset", "stats", "status", "reload", "help", "quit"];
+
+struct Completion {
+    host: Arc<Host>,
+}
+
+impl Completer for Completion {
+    type Candidate = Pair;
+
+    fn complete(
+        &self,
+        line: &str,
+        pos: usize,
+        _: &Context<'_>,
+    ) -> rustyline::Result<(usize, Vec<Pair>)> {
+        let before = &line[..pos];
+        let start = before.rfind(char::is_whitespace).map_or(0, |i| i + 1);
+        let word = &before[start..];
+        let previous: Vec<&str> = before[..start].split_whitespace().collect();
+        let candidates: Vec<String> = match previous.as_slice() {
+            [] => COMMANDS.iter().map(|c| c.to_string()).collect(),
+            ["call"] => self
+                .host
+                .current()
+                .map(|g| g.function_names())
+                .unwrap_or_default(),
+            ["reset"] => {
+                let mut names: Vec<String> = self
+                    .host
+                    .store()
+                    .all()
+                    .iter()
+                    .map(|c| c.name().to_owned())
+                    .collect();
+                names.push("--all".into());
+                names
+            }
+            ["stats"] => self
+                .host
+                .store()
+                .all()
+                .iter()
+                .map(|c| c.name().to_owned())
+                .collect(),
+            ["help"] => COMMANDS.iter().map(|c| c.to_string()).collect(),
+            _ => Vec::new(),
+        };
+        let pairs = candidates
+            .into_iter()
+            .filter(|c| c.starts_with(word))
+            .map(|c| Pair {
+                display: c.clone(),
+                replacement: c,
+            })
+            .collect();
+        Ok((start, pairs))
+    }
+}
+
+impl Hinter for Completion {
+    type Hint = String;
+}
+impl Highlighter for Completion {
+    fn highlight_prompt<'b, 's: 'b, 'p: 'b>(
+        &'s self,
+        prompt: &'p str,
+        _default: bool,
+    ) -> Cow<'b, str> {
+        Cow::Borrowed(prompt)
+    }
+}
+impl Validator for Completion {}
+impl Helper for Completion {}
+
+fn history_path() -> Option<std::path::PathBuf> {
+    let base = std::env::var_os("XDG_STATE_HOME")
+        .map(std::path::PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".local/state"))
+        })?;
+    let dir = base.join("keepwarm");
+    std::fs::create_dir_all(&dir).ok()?;
+    Some(dir.join("history"))
+}
+
+/// Runs one prompt line; returns false when the user asked to leave.
+pub fn run_line(host: &Host, line: &str) -> bool {
+    let Some(words) = shlex::split(line) else {
+        eprintln!("unbalanced quotes in: {line}");
+        return true;
+    };
+    if words.is_empty() {
+        return true;
+    }
+    match Line::try_parse_from(&words) {
+        Ok(Line::Quit) => return false,
+        Ok(Line::Control(command)) => {
+            let response = crate::control::handle(host, command.to_request());
+            let rendered = command.render(&response);
+            if !rendered.stdout.is_empty() {
+                println!("{}", rendered.stdout);
+            }
+            if !rendered.stderr.is_empty() {
+                eprintln!("{}", rendered.stderr);
+            }
+        }
+        // clap's help and errors already say what to type.
+        Err(e) => {
+            let _ = e.print();
+        }
+    }
+    true
+}
+
+/// Reads commands from the terminal until `quit` or end of input.
+pub fn run(host: Arc<Host>) -> anyhow::Result<()> {
+    let mut editor: Editor<Completion, rustyline::history::DefaultHistory> = Editor::new()?;
+    editor.set_helper(Some(Completion {
+        host: Arc::clone(&host),
+    }));
+    // Host lines (reloads, plugin logs) are printed above the input line
+    // instead of through it.
+    if let Ok(printer) = editor.create_external_printer() {
+        let printer = Mutex::new(printer);
+        host.set_printer(Arc::new(move |line: &str| {
+            let _ = printer.lock().print(format!("{line}\n"));
+        }));
+    }
+    let history = history_path();
+    if let Some(h) = &history {
+        let _ = editor.load_history(h);
+    }
+    println!("type `help` for commands, Tab to complete, Ctrl-D to quit");
+    loop {
+        match editor.readline("keepwarm> ") {
+            Ok(line) => {
+                if !line.trim().is_empty() {
+                    let _ = editor.add_history_entry(line.as_str());
+                }
+                if !run_line(&host, &line) {
+                    break;
+                }
+            }
+            Err(ReadlineError::Interrupted) => continue,
+            Err(ReadlineError::Eof) => break,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    host.set_printer(Arc::new(|line| println!("{line}")));
+    if let Some(h) = &history {
+        let _ = editor.save_history(h);
+    }
+    Ok(())
+}

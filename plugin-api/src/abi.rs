@@ -1,0 +1,273 @@
+//! The C ABI, version 1: every type and constant that crosses the boundary
+//! between the host and a plugin.
+//!
+//! This module is the one source of truth for the ABI. The host reads it as a
+//! Rust dependency and `include/keepwarm.h` is generated from it by cbindgen
+//! (a test fails when the checked-in header drifts). Only `#[repr(C)]` data,
+//! function pointers and integers appear here: no Rust type crosses.
+//!
+//! Versioning: the plugin descriptor ([`KwPlugin`]) and the host table
+//! ([`KwHostApi`]) both start with `abi_version` and `size`. A later minor
+//! revision may append fields; a reader checks `size` before touching a field
+//! past the version-1 layout. A different `abi_version` is refused outright.
+
+use core::ffi::c_void;
+
+/// The ABI version this crate speaks. A plugin built against another version
+/// is refused by the host with a message naming both versions.
+pub const KW_ABI_VERSION: u32 = 1;
+
+/// Status code returned by every function of the ABI, in both directions.
+///
+/// An `i32` rather than a Rust enum: a value produced by foreign code that is
+/// not one of the constants below must not be undefined behaviour.
+pub type KwStatus = i32;
+
+/// Success.
+pub const KW_OK: KwStatus = 0;
+/// `cache_get`: the key is not in the cache (nothing was written to `out`).
+pub const KW_MISS: KwStatus = 1;
+/// A plugin function returned an error; its message was written to the output.
+pub const KW_ERROR: KwStatus = 2;
+/// A plugin function (or a host function) panicked; the panic message was
+/// written to the output when there was one.
+pub const KW_PANIC: KwStatus = 3;
+/// A pointer was NULL, a name was not UTF-8, or an argument was otherwise
+/// unusable.
+pub const KW_INVALID_ARGUMENT: KwStatus = 4;
+/// `cache_put`: the value alone is larger than the cache's byte bound, so it
+/// was not stored. Nothing was evicted.
+pub const KW_TOO_LARGE: KwStatus = 5;
+
+/// Log levels for [`KwHostApi::log`].
+pub const KW_LOG_ERROR: u32 = 1;
+/// Warning level.
+pub const KW_LOG_WARN: u32 = 2;
+/// Informational level (what `keepwarm_api::log!` uses).
+pub const KW_LOG_INFO: u32 = 3;
+/// Debug level.
+pub const KW_LOG_DEBUG: u32 = 4;
+
+/// A borrowed view of bytes (or of UTF-8 text, where a name is expected).
+///
+/// Ownership: the side that passes a `KwSlice` keeps owning the memory; the
+/// receiver may read `len` bytes from `ptr` only for the duration of the call
+/// it was passed to, and must copy what it wants to keep. `ptr` may be NULL
+/// only when `len` is 0. In a [`KwPlugin`] or [`KwFunction`] the memory is
+/// static data of the plugin and stays valid while the library is loaded.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct KwSlice {
+    /// First byte, or NULL when `len` is 0.
+    pub ptr: *const u8,
+    /// Number of bytes.
+    pub len: usize,
+}
+
+// SAFETY: a KwSlice is a read-only view. Those stored in statics (descriptor
+// names) point at immutable static data of the plugin, which any thread may read.
+unsafe impl Sync for KwSlice {}
+// SAFETY: as above; the view carries no thread affinity.
+unsafe impl Send for KwSlice {}
+
+impl KwSlice {
+    /// The empty slice.
+    pub const EMPTY: KwSlice = KwSlice {
+        ptr: core::ptr::null(),
+        len: 0,
+    };
+
+    /// A view of `bytes`, usable in `const` and `static` initializers.
+    pub const fn from_bytes(bytes: &[u8]) -> KwSlice {
+        KwSlice {
+            ptr: bytes.as_ptr(),
+            len: bytes.len(),
+        }
+    }
+
+    /// A view of the UTF-8 bytes of `s`.
+    pub const fn from_str(s: &str) -> KwSlice {
+        KwSlice::from_bytes(s.as_bytes())
+    }
+
+    /// Turns the raw parts back into a Rust slice; `None` when `ptr` is NULL
+    /// and `len` is not 0.
+    ///
+    /// # Safety
+    /// When `ptr` is not NULL it must point to `len` readable bytes that stay
+    /// valid and unmodified for the lifetime `'a` chosen by the caller.
+    pub unsafe fn as_bytes<'a>(&self) -> Option<&'a [u8]> {
+        if self.len == 0 {
+            return Some(&[]);
+        }
+        if self.ptr.is_null() {
+            return None;
+        }
+        // SAFETY: non-NULL and, by this function's contract, valid for `len`
+        // bytes during 'a.
+        Some(unsafe { core::slice::from_raw_parts(self.ptr, self.len) })
+    }
+}
+
+/// A cached value handed to the plugin by [`KwHostApi::cache_get`].
+///
+/// Ownership: the host owns the bytes. They stay valid and unchanged, even if
+/// the entry is evicted or the cache reset meanwhile, until the plugin passes
+/// the value to [`KwHostApi::value_release`], which it must do exactly once.
+/// No host lock is held while the plugin holds a value.
+#[repr(C)]
+#[derive(Debug)]
+pub struct KwValue {
+    /// First byte of the value (may be dangling-but-non-NULL when `len` is 0).
+    pub ptr: *const u8,
+    /// Length of the value in bytes.
+    pub len: usize,
+    /// Opaque to the plugin: what the host needs to release the value.
+    pub lease: *const c_void,
+}
+
+impl KwValue {
+    /// A value that holds nothing, to be filled by `cache_get`.
+    pub const fn empty() -> KwValue {
+        KwValue {
+            ptr: core::ptr::null(),
+            len: 0,
+            lease: core::ptr::null(),
+        }
+    }
+}
+
+/// A sink for bytes that the *receiver* of a call owns: the callee writes its
+/// result (or its error message) through `write`, possibly in several pieces,
+/// and the bytes are copied into the owner's buffer at once.
+///
+/// Ownership: `ctx` belongs to the owner and is valid only during the call the
+/// output was passed to. The callee must not keep the pointer.
+#[repr(C)]
+#[derive(Debug)]
+pub struct KwOutput {
+    /// The owner's buffer, opaque to the writer.
+    pub ctx: *mut c_void,
+    /// Appends `len` bytes at `ptr` to the buffer.
+    pub write: unsafe extern "C" fn(ctx: *mut c_void, ptr: *const u8, len: usize),
+}
+
+/// The table of host functions that the host hands a plugin in `on_load`.
+///
+/// Ownership: the host owns the table and keeps it valid, with everything it
+/// points to, for as long as the generation that received it stays loaded.
+/// Every function is safe to call from any thread and from inside a cache
+/// computation (the host holds no lock while plugin code runs).
+#[repr(C)]
+#[derive(Debug)]
+pub struct KwHostApi {
+    /// The ABI version of the host ([`KW_ABI_VERSION`]).
+    pub abi_version: u32,
+    /// `size_of::<KwHostApi>()` as the host built it; fields past a plugin's
+    /// own layout exist only when `size` covers them.
+    pub size: u32,
+    /// Opaque host context, passed back as the first argument of each call.
+    pub ctx: *mut c_void,
+    /// The generation number of the plugin this table was given to.
+    pub generation: u64,
+    /// Looks `key` up in the named cache. On a hit writes the value to `*out`
+    /// and returns [`KW_OK`]; the value must then be released with
+    /// `value_release`. Returns [`KW_MISS`] when absent (the cache is created
+    /// on first use).
+    pub cache_get: unsafe extern "C" fn(
+        ctx: *mut c_void,
+        cache: KwSlice,
+        key: KwSlice,
+        out: *mut KwValue,
+    ) -> KwStatus,
+    /// Releases a value obtained from `cache_get`. Passing a value twice, or
+    /// one not produced by this host, is undefined behaviour.
+    pub value_release: unsafe extern "C" fn(ctx: *mut c_void, value: *mut KwValue),
+    /// Stores a copy of `value` under `key` in the named cache, evicting the
+    /// least recently used entries as the cache's bounds require.
+    pub cache_put: unsafe extern "C" fn(
+        ctx: *mut c_void,
+        cache: KwSlice,
+        key: KwSlice,
+        value: KwSlice,
+    ) -> KwStatus,
+    /// Drops every entry of the named cache.
+    pub cache_reset: unsafe extern "C" fn(ctx: *mut c_void, cache: KwSlice) -> KwStatus,
+    /// Writes one line to the host's output, tagged with the plugin's
+    /// generation. `level` is one of the `KW_LOG_*` constants.
+    pub log: unsafe extern "C" fn(ctx: *mut c_void, level: u32, message: KwSlice),
+}
+
+/// One function the plugin exports, callable by name (`keepwarm call NAME`).
+#[repr(C)]
+#[derive(Debug)]
+pub struct KwFunction {
+    /// The function's name (UTF-8, static data of the plugin).
+    pub name: KwSlice,
+    /// Calls the function. `args` is a JSON array of the arguments (borrowed
+    /// for the call). On [`KW_OK`] the function wrote its result as JSON to
+    /// `out`; on [`KW_ERROR`] or [`KW_PANIC`] it wrote a UTF-8 message.
+    pub call: unsafe extern "C" fn(args: KwSlice, out: *mut KwOutput) -> KwStatus,
+}
+
+// SAFETY: descriptors are immutable static data of the plugin; the function
+// pointers may be called from any thread (the plugin promises this by
+// exporting them).
+unsafe impl Sync for KwFunction {}
+
+/// A cache the plugin declares, so the host creates it with bounds before the
+/// first call.
+#[repr(C)]
+#[derive(Debug)]
+pub struct KwCacheDecl {
+    /// The cache's name (UTF-8).
+    pub name: KwSlice,
+    /// Maximum number of entries; 0 means the host's default.
+    pub max_entries: u64,
+    /// Maximum bytes of keys plus values; 0 means unbounded.
+    pub max_bytes: u64,
+    /// A hash of the code that fills the cache, or 0. When a reload declares
+    /// the same cache with a different non-zero hash, the host resets it.
+    pub code_hash: u64,
+}
+
+// SAFETY: immutable static data, as for KwFunction.
+unsafe impl Sync for KwCacheDecl {}
+
+/// The plugin's descriptor, returned by its entry symbol
+/// (`keepwarm_plugin`, see [`KW_ENTRY_SYMBOL`](crate::KW_ENTRY_SYMBOL)).
+///
+/// Ownership: the plugin owns the descriptor and everything it points to; it
+/// must stay valid and unchanged while the library is loaded.
+#[repr(C)]
+#[derive(Debug)]
+pub struct KwPlugin {
+    /// The ABI version the plugin was built for.
+    pub abi_version: u32,
+    /// `size_of::<KwPlugin>()` as the plugin built it.
+    pub size: u32,
+    /// The plugin's name (UTF-8).
+    pub name: KwSlice,
+    /// The exported functions: `function_count` entries.
+    pub functions: *const KwFunction,
+    /// Number of entries at `functions`.
+    pub function_count: usize,
+    /// The declared caches: `cache_count` entries.
+    pub caches: *const KwCacheDecl,
+    /// Number of entries at `caches`.
+    pub cache_count: usize,
+    /// Called once after the ABI check and before the generation goes live.
+    /// Receives the host table (valid while this generation is loaded). A
+    /// status other than [`KW_OK`] refuses the load; a message may be written
+    /// to `err`.
+    pub on_load:
+        Option<unsafe extern "C" fn(host: *const KwHostApi, err: *mut KwOutput) -> KwStatus>,
+    /// Called once when the generation retires, after its last call returned.
+    pub on_unload: Option<unsafe extern "C" fn()>,
+}
+
+// SAFETY: immutable static data of the plugin (see the type's docs).
+unsafe impl Sync for KwPlugin {}
+
+/// The signature of the entry symbol.
+pub type KwEntryFn = unsafe extern "C" fn() -> *const KwPlugin;

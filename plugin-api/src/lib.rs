@@ -1,0 +1,150 @@
+//! `keepwarm-api`: what a plugin links against to be hot-reloaded by the
+//! keepwarm host while its memoized results live on in host-owned caches.
+//!
+//! - [`abi`] holds the C ABI (version 1): the `#[repr(C)]` types and status
+//!   codes, defined once. The host depends on this module, and
+//!   `include/keepwarm.h` is generated from it for C plugins.
+//! - [`host_cache_get`], [`host_cache_put`], [`host_cache_reset`] and
+//!   [`log!`] are safe wrappers around the table of host functions the plugin
+//!   receives at load.
+//! - [`cached`] memoizes a computation in a named host cache.
+//! - [`plugin!`] declares the plugin: its exported functions, its caches and
+//!   its hooks, and generates the entry symbol `keepwarm_plugin`.
+//!
+//! A whole plugin (build it as a `cdylib`):
+//!
+//! ```
+//! use keepwarm_api::{cached, log, Args, Error};
+//!
+//! fn square(args: &Args) -> Result<u64, Error> {
+//!     args.expect_len(1)?;
+//!     let x: u64 = args.get(0)?;
+//!     Ok(cached("square", &x, || {
+//!         log!("Squaring {x}");
+//!         x * x
+//!     }))
+//! }
+//!
+//! keepwarm_api::plugin! {
+//!     name: "doc-example",
+//!     functions: [square],
+//!     caches: [keepwarm_api::cache("square").max_entries(10_000)],
+//! }
+//!
+//! // Outside a host nothing is cached, but the function still works:
+//! assert_eq!(square(&Args::from_json("square", b"[10]").unwrap()).unwrap(), 100);
+//! ```
+#![deny(unsafe_op_in_unsafe_fn)]
+#![warn(missing_docs)]
+
+pub mod abi;
+mod error;
+mod host;
+#[doc(hidden)]
+pub mod plugin;
+
+pub use error::Error;
+pub use host::{generation, host_cache_get, host_cache_put, host_cache_reset, log_line, Value};
+pub use plugin::{cache, cached, ffi_boundary, panic_message, Args};
+
+/// The name of the symbol every plugin exports; it returns the plugin's
+/// [`abi::KwPlugin`] descriptor.
+pub const KW_ENTRY_SYMBOL: &str = "keepwarm_plugin";
+
+#[doc(hidden)]
+pub mod __private {
+    pub use crate::host::install;
+    pub use crate::plugin::{call_json, on_load, on_unload};
+}
+
+/// Logs one line through the host, tagged there with this plugin's
+/// generation: `log!("Squaring {x}")`. Takes `format!` arguments.
+///
+/// ```
+/// let x = 3;
+/// keepwarm_api::log!("Squaring {x}"); // outside a host: printed to stderr
+/// ```
+#[macro_export]
+macro_rules! log {
+    ($($arg:tt)*) => {
+        $crate::log_line($crate::abi::KW_LOG_INFO, &::std::format!($($arg)*))
+    };
+}
+
+/// Declares the plugin and generates its entry symbol, `keepwarm_plugin`.
+///
+/// - `name`: the plugin's name;
+/// - `functions`: functions `fn(&Args) -> Result<T, Error>` with `T:
+///   Serialize`, exported under their own names;
+/// - `caches` (optional): [`cache`] declarations with bounds;
+/// - `on_load` (optional): `fn() -> Result<(), Error>`, run before the new
+///   generation goes live; an error refuses the load and the previous
+///   generation keeps serving;
+/// - `on_unload` (optional): `fn()`, run when the generation retires.
+///
+/// Use it once per library. See the crate docs for an example.
+#[macro_export]
+macro_rules! plugin {
+    (
+        name: $name:literal,
+        functions: [ $($func:ident),* $(,)? ]
+        $(, caches: [ $($cache:expr),* $(,)? ])?
+        $(, on_load: $on_load:path)?
+        $(, on_unload: $on_unload:path)?
+        $(,)?
+    ) => {
+        const _: () = {
+            use $crate::abi as __kw;
+
+            static FUNCTIONS: &[__kw::KwFunction] = &[ $( {
+                unsafe extern "C" fn shell(
+                    args: __kw::KwSlice,
+                    out: *mut __kw::KwOutput,
+                ) -> __kw::KwStatus {
+                    // SAFETY: the host passes arguments and an output that are
+                    // valid for the duration of this call.
+                    unsafe { $crate::__private::call_json(stringify!($func), args, out, $func) }
+                }
+                __kw::KwFunction { name: __kw::KwSlice::from_str(stringify!($func)), call: shell }
+            } ),* ];
+
+            static CACHES: &[__kw::KwCacheDecl] = &[ $($($cache),*)? ];
+
+            unsafe extern "C" fn on_load(
+                host: *const __kw::KwHostApi,
+                err: *mut __kw::KwOutput,
+            ) -> __kw::KwStatus {
+                #[allow(unused_mut, unused_assignments)]
+                let mut hook: Option<fn() -> Result<(), $crate::Error>> = None;
+                $( hook = Some($on_load); )?
+                // SAFETY: the host passes a table valid while this library is
+                // loaded, and an output valid for this call.
+                unsafe { $crate::__private::on_load(host, err, hook) }
+            }
+
+            unsafe extern "C" fn on_unload() {
+                #[allow(unused_mut, unused_assignments)]
+                let mut hook: Option<fn()> = None;
+                $( hook = Some($on_unload); )?
+                $crate::__private::on_unload(hook)
+            }
+
+            static DESCRIPTOR: __kw::KwPlugin = __kw::KwPlugin {
+                abi_version: __kw::KW_ABI_VERSION,
+                size: ::core::mem::size_of::<__kw::KwPlugin>() as u32,
+                name: __kw::KwSlice::from_str($name),
+                functions: FUNCTIONS.as_ptr(),
+                function_count: FUNCTIONS.len(),
+                caches: CACHES.as_ptr(),
+                cache_count: CACHES.len(),
+                on_load: Some(on_load),
+                on_unload: Some(on_unload),
+            };
+
+            #[unsafe(no_mangle)]
+            pub extern "C" fn keepwarm_plugin() -> *const __kw::KwPlugin {
+                &DESCRIPTOR
+            }
+        };
+    };
+}

@@ -1,0 +1,285 @@
+//! The plugin's side of the boundary: the `extern "C"` shells that
+//! [`plugin!`](crate::plugin) generates call into these safe helpers.
+//!
+//! Every shell body runs inside [`ffi_boundary`], the one place that catches
+//! a panic before it could unwind into the host.
+
+use std::any::Any;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::abi::{self, KwCacheDecl, KwHostApi, KwOutput, KwSlice, KwStatus};
+use crate::Error;
+
+/// The arguments of one call, as the JSON values `keepwarm call` sent.
+///
+/// ```
+/// # use keepwarm_api::Args;
+/// let args = Args::from_json("square", b"[10]").unwrap();
+/// assert_eq!(args.len(), 1);
+/// assert_eq!(args.get::<u64>(0).unwrap(), 10);
+/// assert!(args.get::<String>(0).unwrap_err().to_string().contains("argument 1"));
+/// ```
+#[derive(Debug)]
+pub struct Args {
+    function: &'static str,
+    values: Vec<serde_json::Value>,
+}
+
+impl Args {
+    /// Parses a JSON array of arguments for `function`.
+    pub fn from_json(function: &'static str, json: &[u8]) -> Result<Args, Error> {
+        let values: Vec<serde_json::Value> = serde_json::from_slice(json)
+            .map_err(|e| Error::new(format!("{function}: arguments must be a JSON array: {e}")))?;
+        Ok(Args { function, values })
+    }
+
+    /// Number of arguments.
+    pub fn len(&self) -> usize {
+        self.values.len()
+    }
+
+    /// Whether there are no arguments.
+    pub fn is_empty(&self) -> bool {
+        self.values.is_empty()
+    }
+
+    /// Fails unless there are exactly `n` arguments.
+    pub fn expect_len(&self, n: usize) -> Result<(), Error> {
+        if self.values.len() == n {
+            Ok(())
+        } else {
+            Err(Error::new(format!(
+                "{} takes {n} argument{}, got {}",
+                self.function,
+                if n == 1 { "" } else { "s" },
+                self.values.len()
+            )))
+        }
+    }
+
+    /// Argument `i` (0-based) decoded as `T`, with an error that names the
+    /// function, the argument and the expected type.
+    pub fn get<T: DeserializeOwned>(&self, i: usize) -> Result<T, Error> {
+        let value = self.values.get(i).ok_or_else(|| {
+            Error::new(format!(
+                "{}: missing argument {} (got {})",
+                self.function,
+                i + 1,
+                self.values.len()
+            ))
+        })?;
+        T::deserialize(value).map_err(|e| {
+            Error::new(format!(
+                "{}: argument {} ({value}): expected {}: {e}",
+                self.function,
+                i + 1,
+                std::any::type_name::<T>()
+            ))
+        })
+    }
+}
+
+/// A cache declaration for [`plugin!`](crate::plugin), built in `const`
+/// context.
+///
+/// ```
+/// const SQUARE: keepwarm_api::abi::KwCacheDecl =
+///     keepwarm_api::cache("square").max_entries(10_000).max_bytes(1 << 20);
+/// assert_eq!(SQUARE.max_entries, 10_000);
+/// ```
+pub const fn cache(name: &'static str) -> KwCacheDecl {
+    KwCacheDecl {
+        name: KwSlice::from_str(name),
+        max_entries: 0,
+        max_bytes: 0,
+        code_hash: 0,
+    }
+}
+
+impl KwCacheDecl {
+    /// Sets the entry bound.
+    pub const fn max_entries(mut self, n: u64) -> KwCacheDecl {
+        self.max_entries = n;
+        self
+    }
+    /// Sets the byte bound (keys plus values).
+    pub const fn max_bytes(mut self, n: u64) -> KwCacheDecl {
+        self.max_bytes = n;
+        self
+    }
+    /// Sets the code hash: a reload that declares another hash resets the cache.
+    pub const fn code_hash(mut self, hash: u64) -> KwCacheDecl {
+        self.code_hash = hash;
+        self
+    }
+}
+
+/// Memoizes `compute` in the host cache `cache` under `key`.
+///
+/// Keys and values are encoded with postcard. A stored value that does not
+/// decode as `V` (the return type changed between reloads) counts as a miss
+/// and is overwritten. Outside a host, `compute` simply runs.
+///
+/// ```
+/// let v = keepwarm_api::cached("square", &12u64, || 12u64 * 12);
+/// assert_eq!(v, 144);
+/// ```
+pub fn cached<K, V, F>(cache: &str, key: &K, compute: F) -> V
+where
+    K: Serialize + ?Sized,
+    V: Serialize + DeserializeOwned,
+    F: FnOnce() -> V,
+{
+    let Ok(key_bytes) = postcard::to_stdvec(key) else {
+        return compute();
+    };
+    if let Some(stored) = crate::host_cache_get(cache, &key_bytes) {
+        if let Ok((value, [])) = postcard::take_from_bytes::<V>(&stored) {
+            return value;
+        }
+    }
+    let value = compute();
+    if let Ok(bytes) = postcard::to_stdvec(&value) {
+        if let Err(e) = crate::host_cache_put(cache, &key_bytes, &bytes) {
+            crate::log_line(abi::KW_LOG_DEBUG, &format!("not cached: {e}"));
+        }
+    }
+    value
+}
+
+/// The panic message of a caught panic payload.
+pub fn panic_message(payload: &(dyn Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "panic with a non-string payload".to_owned()
+    }
+}
+
+/// Writes `bytes` to `out`, if there is one.
+fn write(out: Option<&KwOutput>, bytes: &[u8]) {
+    if let Some(out) = out {
+        // SAFETY: `out` is the live output the host passed to this call; the
+        // host's write copies the bytes before returning.
+        unsafe { (out.write)(out.ctx, bytes.as_ptr(), bytes.len()) }
+    }
+}
+
+/// Runs `body` so that no panic escapes: a panic becomes [`abi::KW_PANIC`]
+/// with its message written to `out`. Every shell uses this.
+pub fn ffi_boundary(out: Option<&KwOutput>, body: impl FnOnce() -> KwStatus) -> KwStatus {
+    match catch_unwind(AssertUnwindSafe(body)) {
+        Ok(status) => status,
+        Err(payload) => {
+            let message = format!("panicked: {}", panic_message(&*payload));
+            // Writing the message must not panic either (a panicking host write
+            // would be a host bug); guard it the same way.
+            let _ = catch_unwind(AssertUnwindSafe(|| write(out, message.as_bytes())));
+            abi::KW_PANIC
+        }
+    }
+}
+
+/// The body of a generated function shell: decode the JSON arguments, call the
+/// plugin function, encode its result.
+///
+/// # Safety
+/// `args` must be a valid slice for the call, and `out` NULL or a valid output.
+#[doc(hidden)]
+pub unsafe fn call_json<R, F>(
+    function: &'static str,
+    args: KwSlice,
+    out: *mut KwOutput,
+    f: F,
+) -> KwStatus
+where
+    R: Serialize,
+    F: FnOnce(&Args) -> Result<R, Error>,
+{
+    // SAFETY: the host passes a valid output or NULL.
+    let out = unsafe { out.as_ref() };
+    let Some(out) = out else {
+        return abi::KW_INVALID_ARGUMENT;
+    };
+    ffi_boundary(Some(out), || {
+        // SAFETY: the host keeps `args` valid for the duration of the call.
+        let Some(json) = (unsafe { args.as_bytes() }) else {
+            return abi::KW_INVALID_ARGUMENT;
+        };
+        let result = Args::from_json(function, json)
+            .and_then(|args| f(&args))
+            .and_then(|r| serde_json::to_vec(&r).map_err(Error::from));
+        match result {
+            Ok(bytes) => {
+                write(Some(out), &bytes);
+                abi::KW_OK
+            }
+            Err(e) => {
+                write(Some(out), e.message().as_bytes());
+                abi::KW_ERROR
+            }
+        }
+    })
+}
+
+/// The body of the generated `on_load` shell: check and record the host
+/// table, then run the plugin's own hook.
+///
+/// # Safety
+/// `host` must be NULL or a table valid while the library is loaded; `err`
+/// NULL or a valid output.
+#[doc(hidden)]
+pub unsafe fn on_load(
+    host: *const KwHostApi,
+    err: *mut KwOutput,
+    hook: Option<fn() -> Result<(), Error>>,
+) -> KwStatus {
+    // SAFETY: the host passes a valid output or NULL.
+    let err = unsafe { err.as_ref() };
+    ffi_boundary(err, || {
+        // SAFETY: the host passes a table valid while we are loaded, or NULL.
+        let Some(table) = (unsafe { host.as_ref() }) else {
+            write(err, b"on_load: the host passed no function table");
+            return abi::KW_INVALID_ARGUMENT;
+        };
+        if table.abi_version != abi::KW_ABI_VERSION
+            || (table.size as usize) < core::mem::size_of::<KwHostApi>()
+        {
+            let msg = format!(
+                "on_load: host speaks keepwarm ABI {} (table of {} bytes), this plugin needs ABI {}",
+                table.abi_version,
+                table.size,
+                abi::KW_ABI_VERSION
+            );
+            write(err, msg.as_bytes());
+            return abi::KW_INVALID_ARGUMENT;
+        }
+        // SAFETY: checked non-NULL and of our version; valid while loaded.
+        unsafe { crate::host::install(host) };
+        match hook.map(|h| h()) {
+            None | Some(Ok(())) => abi::KW_OK,
+            Some(Err(e)) => {
+                write(err, e.message().as_bytes());
+                abi::KW_ERROR
+            }
+        }
+    })
+}
+
+/// The body of the generated `on_unload` shell.
+#[doc(hidden)]
+pub fn on_unload(hook: Option<fn()>) {
+    ffi_boundary(None, || {
+        if let Some(h) = hook {
+            h();
+        }
+        abi::KW_OK
+    });
+    // SAFETY: NULL is always allowed.
+    unsafe { crate::host::install(core::ptr::null()) };
+}
