@@ -51,6 +51,8 @@ impl std::fmt::Display for CallError {
     }
 }
 
+impl std::error::Error for CallError {}
+
 /// One loaded version of the plugin.
 pub struct Generation {
     /// 1 for the first load, then one more per successful reload.

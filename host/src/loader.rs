@@ -99,6 +99,8 @@ impl fmt::Display for LoadError {
     }
 }
 
+impl std::error::Error for LoadError {}
+
 /// The machine this host runs on, as an ELF `e_machine`.
 fn host_machine() -> Option<elf::Machine> {
     if cfg!(target_arch = "x86_64") {

@@ -1,14 +1,478 @@
-pub fn add(left: u64, right: u64) -> u64 {
-    left + right
+//! `keepwarm-tests`: the harness of keepwarm's end-to-end tests.
+//!
+//! The tests in `tests/tests/` drive the real `keepwarm` binary on real
+//! plugins built by the real cargo. This crate gives them:
+//! - [`build_all`]: one `cargo build` of the host, the example plugin and
+//!   every fixture crate, run once per test process, into the shared target
+//!   directory;
+//! - [`Scratch`]: a copy of a plugin crate in a temporary directory, to edit
+//!   and rebuild while a host runs on it;
+//! - [`HostProcess`]: a running `keepwarm run` with its own runtime
+//!   directory and socket, whose output lines can be awaited, and
+//!   [`HostProcess::cli`] to run the client subcommands against it;
+//! - [`c_plugin`]: the C fixture compiled with `cc` against `keepwarm.h`.
+//!
+//! ```no_run
+//! let lib = keepwarm_tests::built_library("example-plugin");
+//! let host = keepwarm_tests::HostProcess::start(&lib, &[]);
+//! assert_eq!(host.cli(&["call", "square", "10"]).stdout.trim(), "100");
+//! ```
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use parking_lot::{Condvar, Mutex};
+
+/// How long a test waits for an expected host line by default. Generous: CI
+/// machines are shared and slow; a passing run never waits this long.
+pub const WAIT: Duration = Duration::from_secs(60);
+
+/// The workspace root.
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_owned()
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// The one target directory every build made by the tests shares:
+/// `e2e/` inside cargo's target directory.
+///
+/// It is kept apart from the directory `cargo test` itself builds in: a
+/// nested `cargo build -p example-plugin` resolves features differently
+/// from `cargo test --workspace` and would overwrite the example plugin's
+/// rlib under the running doc tests.
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .map(|p| if p.is_absolute() { p } else { root().join(p) })
+        .unwrap_or_else(|| root().join("target"))
+        .join("e2e")
+}
 
-    #[test]
-    fn it_works() {
-        let result = add(2, 2);
-        assert_eq!(result, 4);
+/// A `cargo` command (the one running the tests, when known).
+pub fn cargo() -> Command {
+    let mut c = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    c.env("CARGO_TARGET_DIR", target_dir());
+    c
+}
+
+/// The package names of the Rust fixture crates under `tests/fixtures`.
+pub fn fixture_packages() -> Vec<String> {
+    let mut names = Vec::new();
+    let Ok(entries) = std::fs::read_dir(root().join("tests/fixtures")) else {
+        return names;
+    };
+    for entry in entries.flatten() {
+        let manifest = entry.path().join("Cargo.toml");
+        if let Ok(text) = std::fs::read_to_string(manifest) {
+            if let Some(name) = text.lines().find_map(|l| {
+                l.strip_prefix("name = ")
+                    .map(|n| n.trim_matches('"').to_owned())
+            }) {
+                names.push(name);
+            }
+        }
     }
+    names.sort();
+    names
+}
+
+/// Builds the host, the example plugin and every fixture, once per process.
+pub fn build_all() {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let mut cmd = cargo();
+        cmd.current_dir(root()).args([
+            "build",
+            "--quiet",
+            "-p",
+            "keepwarm",
+            "-p",
+            "example-plugin",
+        ]);
+        for name in fixture_packages() {
+            cmd.args(["-p", &name]);
+        }
+        let status = cmd.status().expect("running cargo build");
+        assert!(
+            status.success(),
+            "cargo build of the host and fixtures failed"
+        );
+    });
+}
+
+/// The `keepwarm` binary (built by [`build_all`]).
+pub fn keepwarm_bin() -> PathBuf {
+    build_all();
+    target_dir().join("debug/keepwarm")
+}
+
+/// The shared library of a workspace package (built by [`build_all`]).
+pub fn built_library(package: &str) -> PathBuf {
+    build_all();
+    library_path(package)
+}
+
+/// Where cargo puts the `cdylib` of `package` in the shared target directory.
+pub fn library_path(package: &str) -> PathBuf {
+    target_dir()
+        .join("debug")
+        .join(format!("lib{}.so", package.replace('-', "_")))
+}
+
+/// The C fixture (`tests/fixtures/c_plugin/plugin.c`) compiled with `cc`
+/// against `plugin-api/include/keepwarm.h`, with warnings as errors.
+pub fn c_plugin(dir: &Path) -> PathBuf {
+    let out = dir.join("libc_plugin.so");
+    let status = Command::new(std::env::var_os("CC").unwrap_or_else(|| "cc".into()))
+        .args([
+            "-std=c11",
+            "-Wall",
+            "-Wextra",
+            "-Werror",
+            "-pedantic",
+            "-shared",
+            "-fPIC",
+            "-fvisibility=hidden",
+            "-I",
+        ])
+        .arg(root().join("plugin-api/include"))
+        .arg(root().join("tests/fixtures/c_plugin/plugin.c"))
+        .arg("-o")
+        .arg(&out)
+        .status()
+        .expect("running cc");
+    assert!(
+        status.success(),
+        "cc failed to compile the C plugin against keepwarm.h"
+    );
+    out
+}
+
+/// The target directory of scratch crates: one for all of them, so their
+/// dependencies compile once per run.
+pub fn scratch_target_dir() -> PathBuf {
+    target_dir().join("scratch")
+}
+
+/// A copy of a plugin crate in a temporary directory, with its own package
+/// name, built into [`scratch_target_dir`].
+pub struct Scratch {
+    dir: tempfile::TempDir,
+    package: String,
+}
+
+impl Scratch {
+    /// Copies the crate at `source` (relative to the workspace root, e.g.
+    /// `example-plugin`) under the new package name `package` (unique per test).
+    pub fn copy_of(source: &str, package: &str) -> Scratch {
+        let dir = tempfile::tempdir().unwrap();
+        let from = root().join(source);
+        copy_dir(&from.join("src"), &dir.path().join("src"));
+        let manifest = std::fs::read_to_string(from.join("Cargo.toml")).unwrap();
+        let api = root().join("plugin-api");
+        let mut out = String::new();
+        for line in manifest.lines() {
+            let line = if line.starts_with("name = ") {
+                format!("name = \"{package}\"")
+            } else if line.contains(".workspace = true") {
+                match line.split('.').next().unwrap() {
+                    "version" => "version = \"0.1.0\"".into(),
+                    "edition" => "edition = \"2021\"".into(),
+                    _ => continue,
+                }
+            } else if line.starts_with("keepwarm-api") {
+                format!(
+                    "keepwarm-api = {{ path = {:?} }}",
+                    api.display().to_string()
+                )
+            } else {
+                line.to_owned()
+            };
+            out.push_str(&line);
+            out.push('\n');
+        }
+        out.push_str("\n[workspace]\n");
+        std::fs::write(dir.path().join("Cargo.toml"), out).unwrap();
+        // The workspace's lock file pins the same dependency versions, so the
+        // shared target directory's artifacts are reused.
+        let _ = std::fs::copy(root().join("Cargo.lock"), dir.path().join("Cargo.lock"));
+        Scratch {
+            dir,
+            package: package.to_owned(),
+        }
+    }
+
+    /// The crate's directory.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Rewrites `src/lib.rs` with `edit`.
+    pub fn edit(&self, edit: impl FnOnce(String) -> String) {
+        let path = self.dir.path().join("src/lib.rs");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let edited = edit(text.clone());
+        assert_ne!(text, edited, "the edit changed nothing");
+        std::fs::write(path, edited).unwrap();
+    }
+
+    /// `cargo build` of the copy; returns the library's path.
+    pub fn build(&self) -> PathBuf {
+        let output = cargo()
+            .env("CARGO_TARGET_DIR", scratch_target_dir())
+            .current_dir(self.dir.path())
+            .args(["build", "--quiet", "--offline"])
+            .output()
+            .expect("running cargo build");
+        assert!(
+            output.status.success(),
+            "cargo build of {} failed:\n{}",
+            self.package,
+            String::from_utf8_lossy(&output.stderr)
+        );
+        self.library()
+    }
+
+    /// Where the built library lands.
+    pub fn library(&self) -> PathBuf {
+        scratch_target_dir()
+            .join("debug")
+            .join(format!("lib{}.so", self.package.replace('-', "_")))
+    }
+}
+
+/// Copies a directory tree.
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap().flatten() {
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+/// What a client subcommand printed and its exit status.
+#[derive(Debug, Clone)]
+pub struct CliOutput {
+    /// Exit status (`None` if killed by a signal).
+    pub status: Option<i32>,
+    /// Standard output.
+    pub stdout: String,
+    /// Standard error.
+    pub stderr: String,
+}
+
+impl CliOutput {
+    /// Standard output parsed as JSON.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {self:?}"))
+    }
+}
+
+struct Lines {
+    lines: Mutex<Vec<String>>,
+    changed: Condvar,
+}
+
+/// A running `keepwarm run LIB --no-repl`, with a private runtime directory
+/// and socket; killed when dropped.
+pub struct HostProcess {
+    child: Child,
+    lines: Arc<Lines>,
+    socket: PathBuf,
+    runtime: tempfile::TempDir,
+}
+
+impl HostProcess {
+    /// Starts a host on `library` with extra `run` arguments, and waits until
+    /// its control socket answers.
+    pub fn start(library: &Path, extra: &[&str]) -> HostProcess {
+        let runtime = tempfile::tempdir().unwrap();
+        let socket = runtime.path().join("host.sock");
+        let mut child = Command::new(keepwarm_bin())
+            .arg("run")
+            .arg(library)
+            .arg("--no-repl")
+            .arg("--socket")
+            .arg(&socket)
+            .args(extra)
+            .env("XDG_RUNTIME_DIR", runtime.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting keepwarm run");
+        let lines = Arc::new(Lines {
+            lines: Mutex::new(Vec::new()),
+            changed: Condvar::new(),
+        });
+        for stream in [
+            Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
+            Box::new(child.stderr.take().unwrap()),
+        ] {
+            let lines = Arc::clone(&lines);
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines() {
+                    let Ok(line) = line else { break };
+                    if std::env::var_os("KEEPWARM_TEST_ECHO").is_some() {
+                        eprintln!("host| {line}");
+                    }
+                    lines.lines.lock().push(line);
+                    lines.changed.notify_all();
+                }
+            });
+        }
+        let host = HostProcess {
+            child,
+            lines,
+            socket,
+            runtime,
+        };
+        let deadline = Instant::now() + WAIT;
+        while std::os::unix::net::UnixStream::connect(&host.socket).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "the host never opened its socket: {:?}",
+                host.lines()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        host
+    }
+
+    /// The control socket.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// The private runtime directory (`XDG_RUNTIME_DIR` of the host).
+    pub fn runtime_dir(&self) -> &Path {
+        self.runtime.path()
+    }
+
+    /// The host's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Every line the host printed so far (stdout and stderr).
+    pub fn lines(&self) -> Vec<String> {
+        self.lines.lines.lock().clone()
+    }
+
+    /// How many lines so far contain `needle`.
+    pub fn count(&self, needle: &str) -> usize {
+        self.lines
+            .lines
+            .lock()
+            .iter()
+            .filter(|l| l.contains(needle))
+            .count()
+    }
+
+    /// Waits until `n` lines contain `needle`; returns the n-th. Panics with
+    /// the host's output after [`WAIT`].
+    pub fn wait_for_nth(&self, needle: &str, n: usize) -> String {
+        let deadline = Instant::now() + WAIT;
+        let mut lines = self.lines.lines.lock();
+        loop {
+            if let Some(line) = lines.iter().filter(|l| l.contains(needle)).nth(n - 1) {
+                return line.clone();
+            }
+            if self
+                .lines
+                .changed
+                .wait_until(&mut lines, deadline)
+                .timed_out()
+            {
+                panic!(
+                    "no line #{n} containing {needle:?} within {WAIT:?}; the host printed:\n{}",
+                    lines.join("\n")
+                );
+            }
+        }
+    }
+
+    /// Waits for the first line containing `needle`.
+    pub fn wait_for(&self, needle: &str) -> String {
+        self.wait_for_nth(needle, 1)
+    }
+
+    /// Runs `keepwarm --socket SOCKET ARGS...` and returns what it printed.
+    pub fn cli(&self, args: &[&str]) -> CliOutput {
+        let output = Command::new(keepwarm_bin())
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args)
+            .env("XDG_RUNTIME_DIR", self.runtime.path())
+            .output()
+            .expect("running keepwarm");
+        CliOutput {
+            status: output.status.code(),
+            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        }
+    }
+
+    /// `keepwarm call FUNCTION ARGS...`, asserting success; returns the JSON.
+    pub fn call(&self, function: &str, args: &[&str]) -> serde_json::Value {
+        let mut all = vec!["call", function];
+        all.extend_from_slice(args);
+        let out = self.cli(&all);
+        assert_eq!(
+            out.status,
+            Some(0),
+            "keepwarm call {function} {args:?} failed: {out:?}"
+        );
+        out.json()
+    }
+
+    /// `keepwarm stats --json`, by cache name.
+    pub fn stats(&self) -> HashMap<String, serde_json::Value> {
+        let out = self.cli(&["stats", "--json"]);
+        assert_eq!(out.status, Some(0), "{out:?}");
+        out.json()
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| (c["name"].as_str().unwrap().to_owned(), c.clone()))
+            .collect()
+    }
+
+    /// `keepwarm status --json`.
+    pub fn status(&self) -> serde_json::Value {
+        let out = self.cli(&["status", "--json"]);
+        assert_eq!(out.status, Some(0), "{out:?}");
+        out.json()
+    }
+
+    /// Whether the host process is still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for HostProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Replaces the file at `to` with `from` the way cargo does: write a
+/// temporary file beside it, then rename it over the target (atomic).
+pub fn replace_atomically(from: &Path, to: &Path) {
+    let tmp = to.with_extension(format!("tmp{}", std::process::id()));
+    std::fs::copy(from, &tmp).unwrap();
+    std::fs::rename(&tmp, to).unwrap();
 }

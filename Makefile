@@ -1,0 +1,39 @@
+# keepwarm: the two commands of the README are `make run` and `make test`.
+CARGO ?= cargo
+LIB := target/debug/libexample_plugin.so
+
+.PHONY: build run test lint watch bench header
+
+## build: the host and the example plugin
+build:
+	$(CARGO) build -p keepwarm -p example-plugin
+
+## run: build, then start the host on the example plugin with its prompt
+run: build
+	./target/debug/keepwarm run $(LIB)
+
+## test: lint, then every test (unit, doc, end-to-end with real cargo builds)
+test: lint
+	$(CARGO) test --workspace
+
+## lint: formatting and clippy, warnings are errors
+lint:
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+## watch: rebuild the example plugin on every source change
+watch:
+	@if $(CARGO) watch --version >/dev/null 2>&1; then \
+		$(CARGO) watch -w example-plugin -w plugin-api -x 'build -p example-plugin'; \
+	else \
+		echo "cargo-watch is not installed (cargo install cargo-watch); rebuild by hand with: cargo build -p example-plugin"; \
+		exit 1; \
+	fi
+
+## bench: criterion benchmarks
+bench:
+	$(CARGO) bench -p keepwarm
+
+## header: regenerate plugin-api/include/keepwarm.h from plugin-api/src/abi.rs
+header:
+	KEEPWARM_BLESS=1 $(CARGO) test -p keepwarm-api --test header
