@@ -5,10 +5,20 @@
 //! inode via hard link or rename), and a watch on the old inode would go
 //! stale. Any event naming the file wakes the loop, which drains the rest of
 //! the burst and asks the host to reload. The host compares content hashes,
-//! so the further events of the same build find nothing new. A file that is
-//! still being written (the loader's completeness check says so) is retried
-//! every [`RETRY_INTERVAL`] until it is complete, and reported as broken only
-//! after [`INCOMPLETE_TIMEOUT`].
+//! so the further events of the same build find nothing new.
+//!
+//! Two guards keep a file that is still being written from being loaded:
+//! - while the file is open for writing in place (a data-modify event
+//!   without the close-after-write that ends it), the loop waits for the
+//!   close, or for [`WRITER_QUIET`] without events from a writer that never
+//!   closes (an mmap writer);
+//! - a file the loader's completeness check calls incomplete (truncated:
+//!   `cp` truncates first, then writes from the start) is retried every
+//!   [`RETRY_INTERVAL`] until it is complete, and reported as broken only
+//!   after [`INCOMPLETE_TIMEOUT`].
+//!
+//! An atomic replacement (cargo's hard link, `mv`) produces no data-modify
+//! event, so it loads at the first event: no fixed debounce delay.
 
 use std::path::Path;
 use std::sync::mpsc;
@@ -16,7 +26,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use notify::event::{AccessKind, AccessMode};
+use notify::event::{AccessKind, AccessMode, ModifyKind};
 use notify::{EventKind, RecursiveMode, Watcher as _};
 
 use crate::host::Host;
@@ -25,18 +35,33 @@ use crate::host::Host;
 pub const RETRY_INTERVAL: Duration = Duration::from_millis(5);
 /// How long a file may stay incomplete before it is reported as broken.
 pub const INCOMPLETE_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a writer that opened the file in place may stay silent before
+/// the file is read anyway.
+pub const WRITER_QUIET: Duration = Duration::from_millis(200);
 
 /// A running watch; dropping it stops watching.
 pub struct Watch {
     _watcher: notify::RecommendedWatcher,
 }
 
-fn is_relevant(kind: &EventKind) -> bool {
+/// What a file event says about the library.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Signal {
+    /// It may have changed (created, renamed over, attributes, unknown).
+    Changed,
+    /// Someone is writing into it in place.
+    Writing,
+    /// A writer closed it.
+    Closed,
+}
+
+fn classify(kind: &EventKind) -> Option<Signal> {
     match kind {
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => Some(Signal::Closed),
         // Our own reads of the file must not wake us again.
-        EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
-        EventKind::Access(_) => false,
-        _ => true,
+        EventKind::Access(_) => None,
+        EventKind::Modify(ModifyKind::Data(_)) => Some(Signal::Writing),
+        _ => Some(Signal::Changed),
     }
 }
 
@@ -45,18 +70,17 @@ pub fn watch(host: Arc<Host>) -> anyhow::Result<Watch> {
     let library = host.library().to_owned();
     let dir = library.parent().unwrap_or(Path::new("/")).to_owned();
     let name = library.file_name().map(|n| n.to_owned());
-    let (tx, rx) = mpsc::channel::<()>();
+    let (tx, rx) = mpsc::channel::<Signal>();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         let Ok(event) = event else {
             // An overflowed or failed event queue: check the file anyway.
-            let _ = tx.send(());
+            let _ = tx.send(Signal::Changed);
             return;
         };
-        if is_relevant(&event.kind)
-            && (event.paths.is_empty()
-                || event.paths.iter().any(|p| p.file_name() == name.as_deref()))
-        {
-            let _ = tx.send(());
+        let ours =
+            event.paths.is_empty() || event.paths.iter().any(|p| p.file_name() == name.as_deref());
+        if let (true, Some(signal)) = (ours, classify(&event.kind)) {
+            let _ = tx.send(signal);
         }
     })
     .context("starting the file watcher")?;
@@ -70,16 +94,34 @@ pub fn watch(host: Arc<Host>) -> anyhow::Result<Watch> {
     Ok(Watch { _watcher: watcher })
 }
 
-fn drain(rx: &mpsc::Receiver<()>) {
-    while rx.try_recv().is_ok() {}
+/// Whether a writer still has the file open, after `signal`.
+fn apply(writing: &mut bool, signal: Signal) {
+    match signal {
+        Signal::Writing => *writing = true,
+        Signal::Closed => *writing = false,
+        Signal::Changed => {}
+    }
 }
 
-fn run(host: &Host, rx: &mpsc::Receiver<()>) {
+fn run(host: &Host, rx: &mpsc::Receiver<Signal>) {
     // recv fails only when the watcher (the sender) is dropped: stop then.
-    while rx.recv().is_ok() {
-        drain(rx);
+    while let Ok(first) = rx.recv() {
+        let mut writing = false;
+        apply(&mut writing, first);
         let mut incomplete_since: Option<Instant> = None;
         loop {
+            while let Ok(signal) = rx.try_recv() {
+                apply(&mut writing, signal);
+            }
+            if writing {
+                match rx.recv_timeout(WRITER_QUIET) {
+                    Ok(signal) => apply(&mut writing, signal),
+                    // The writer went quiet without closing: try the file.
+                    Err(mpsc::RecvTimeoutError::Timeout) => writing = false,
+                    Err(mpsc::RecvTimeoutError::Disconnected) => return,
+                }
+                continue;
+            }
             match host.reload(false) {
                 Err(e) if e.is_incomplete() => {
                     let since = *incomplete_since.get_or_insert_with(Instant::now);
@@ -87,17 +129,14 @@ fn run(host: &Host, rx: &mpsc::Receiver<()>) {
                         host.report_failure(&e);
                         break;
                     }
-                    // Wait for the next event or the retry interval, whichever
-                    // comes first.
                     match rx.recv_timeout(RETRY_INTERVAL) {
-                        Ok(()) => drain(rx),
+                        Ok(signal) => apply(&mut writing, signal),
                         Err(mpsc::RecvTimeoutError::Timeout) => {}
                         Err(mpsc::RecvTimeoutError::Disconnected) => return,
                     }
                 }
-                // Deleted: keep serving and keep watching; a new file wakes us.
-                Err(crate::loader::LoadError::Missing(_)) => break,
-                // Other failures were reported by the host.
+                // Deleted: keep serving and keep watching; a new file wakes
+                // us. Other failures were reported by the host.
                 Ok(_) | Err(_) => break,
             }
         }
