@@ -8,9 +8,10 @@
 use std::collections::HashMap;
 use std::num::NonZeroUsize;
 use std::sync::Arc;
+use std::thread::ThreadId;
 
 use lru::LruCache;
-use parking_lot::{Mutex, RwLock};
+use parking_lot::{Condvar, Mutex, RwLock};
 use serde::Serialize;
 
 /// Entry bound of a cache that nobody declared or configured.
@@ -105,6 +106,9 @@ struct Inner {
     evictions: u64,
     resets: u64,
     code_hash: u64,
+    /// Bumped by every reset: a computation that started before a reset
+    /// must not store its (stale) value after it.
+    epoch: u64,
 }
 
 impl Inner {
@@ -125,10 +129,37 @@ fn entry_bytes(key: &[u8], value: &[u8]) -> u64 {
     (key.len() + value.len()) as u64
 }
 
+/// A computation in progress for one key: the thread computing it, and
+/// where the threads waiting for it find the outcome.
+struct Flight {
+    owner: ThreadId,
+    outcome: Mutex<Option<Option<Arc<[u8]>>>>,
+    done: Condvar,
+}
+
+/// Which thread waits for which: a thread about to wait for a flight whose
+/// owner (transitively) waits for it would deadlock; it gets
+/// [`Computed::Cycle`] instead.
+static WAITS_FOR: Mutex<Option<HashMap<ThreadId, ThreadId>>> = Mutex::new(None);
+
+/// The outcome of [`Cache::get_or_compute`].
+#[derive(Debug)]
+pub enum Computed<E> {
+    /// The value: found, computed here, or computed by another thread while
+    /// this one waited.
+    Value(Arc<[u8]>),
+    /// The computation asked (directly or through other threads) for the
+    /// very key it is computing.
+    Cycle,
+    /// This thread's computation failed.
+    Failed(E),
+}
+
 /// One named cache.
 pub struct Cache {
     name: String,
     inner: Mutex<Inner>,
+    flights: Mutex<HashMap<Box<[u8]>, Arc<Flight>>>,
 }
 
 impl Cache {
@@ -146,7 +177,9 @@ impl Cache {
                 evictions: 0,
                 resets: 0,
                 code_hash: 0,
+                epoch: 0,
             }),
+            flights: Mutex::new(HashMap::new()),
         }
     }
 
@@ -174,10 +207,19 @@ impl Cache {
     /// Stores `value` under `key`, evicting least recently used entries until
     /// the bounds hold again.
     pub fn put(&self, key: &[u8], value: &[u8]) -> Result<(), PutError> {
-        let size = entry_bytes(key, value);
         // Copy outside the lock: the critical section stays short.
-        let value: Arc<[u8]> = Arc::from(value);
+        self.store(key, Arc::from(value), None)
+    }
+
+    /// Stores `value` unless the cache was reset since `epoch` (then the
+    /// value is dropped and `Ok` returned: a reset wins over a computation
+    /// that started before it).
+    fn store(&self, key: &[u8], value: Arc<[u8]>, epoch: Option<u64>) -> Result<(), PutError> {
+        let size = entry_bytes(key, &value);
         let mut inner = self.inner.lock();
+        if epoch.is_some_and(|e| e != inner.epoch) {
+            return Ok(());
+        }
         if inner.bounds.max_bytes.is_some_and(|max| size > max) {
             return Err(PutError::TooLarge);
         }
@@ -201,7 +243,92 @@ impl Cache {
         inner.lru.clear();
         inner.bytes = 0;
         inner.resets += 1;
+        inner.epoch += 1;
         n
+    }
+
+    /// Looks `key` up; on a miss runs `compute` — in this thread, with no
+    /// lock held — unless another thread is already computing the same key,
+    /// in which case this one waits for that value (single flight).
+    ///
+    /// The computed value is stored unless the cache was reset while it was
+    /// computed (the caller still gets it). A computation that asks for its
+    /// own key, directly or through threads that wait for each other, gets
+    /// [`Computed::Cycle`] instead of a deadlock. When the computing thread
+    /// fails, one of the waiters computes in its place.
+    pub fn get_or_compute<E>(
+        &self,
+        key: &[u8],
+        compute: impl FnOnce() -> Result<Vec<u8>, E>,
+    ) -> Computed<E> {
+        let me = std::thread::current().id();
+        let mut compute = Some(compute);
+        loop {
+            if let Some(v) = self.get(key) {
+                return Computed::Value(v);
+            }
+            let (flight, leader) = {
+                let mut flights = self.flights.lock();
+                // Re-check under the flights lock: a flight that just
+                // finished stored its value before leaving the table.
+                if let Some(v) = self.inner.lock().lru.peek(key) {
+                    return Computed::Value(Arc::clone(v));
+                }
+                match flights.get(key) {
+                    Some(f) => (Arc::clone(f), false),
+                    None => {
+                        let f = Arc::new(Flight {
+                            owner: me,
+                            outcome: Mutex::new(None),
+                            done: Condvar::new(),
+                        });
+                        flights.insert(Box::from(key), Arc::clone(&f));
+                        (f, true)
+                    }
+                }
+            };
+            if leader {
+                let epoch = self.inner.lock().epoch;
+                let compute = compute
+                    .take()
+                    .expect("a thread leads a flight at most once");
+                let result = compute();
+                let value = match &result {
+                    Ok(bytes) => {
+                        let v: Arc<[u8]> = Arc::from(bytes.as_slice());
+                        // Too large for the cache: the caller still gets it.
+                        let _ = self.store(key, Arc::clone(&v), Some(epoch));
+                        Some(v)
+                    }
+                    Err(_) => None,
+                };
+                *flight.outcome.lock() = Some(value.clone());
+                self.flights.lock().remove(key);
+                flight.done.notify_all();
+                return match (result, value) {
+                    (Ok(_), Some(v)) => Computed::Value(v),
+                    (Err(e), _) => Computed::Failed(e),
+                    (Ok(_), None) => unreachable!("a value exists for every success"),
+                };
+            }
+            if !wait_for(me, flight.owner) {
+                return Computed::Cycle;
+            }
+            let mut outcome = flight.outcome.lock();
+            while outcome.is_none() {
+                flight.done.wait(&mut outcome);
+            }
+            let value = outcome.clone().flatten();
+            drop(outcome);
+            done_waiting(me);
+            if let Some(v) = value {
+                return Computed::Value(v);
+            }
+            // The leader failed; if this thread still can, it tries itself.
+            if compute.is_none() {
+                return Computed::Cycle;
+            }
+        }
     }
 
     /// Changes the bounds, evicting at once if the new ones are tighter.
@@ -242,6 +369,30 @@ impl Cache {
             evictions: inner.evictions,
             resets: inner.resets,
         }
+    }
+}
+
+/// Records that `me` waits for `owner`; false if that closes a cycle.
+fn wait_for(me: ThreadId, owner: ThreadId) -> bool {
+    let mut waits = WAITS_FOR.lock();
+    let waits = waits.get_or_insert_with(HashMap::new);
+    let mut cur = owner;
+    loop {
+        if cur == me {
+            return false;
+        }
+        match waits.get(&cur) {
+            Some(&next) => cur = next,
+            None => break,
+        }
+    }
+    waits.insert(me, owner);
+    true
+}
+
+fn done_waiting(me: ThreadId) {
+    if let Some(waits) = WAITS_FOR.lock().as_mut() {
+        waits.remove(&me);
     }
 }
 
@@ -448,6 +599,74 @@ mod tests {
         assert!(store.declare("a", None, 2));
         assert_eq!(store.cache("a").stats().entries, 0);
         assert_eq!(store.cache("b").stats().entries, 1);
+    }
+
+    #[test]
+    fn single_flight_computes_once_for_many_threads() {
+        let c = Cache::new("t", bounds(10, None));
+        let computed = std::sync::atomic::AtomicU32::new(0);
+        std::thread::scope(|s| {
+            for _ in 0..8 {
+                s.spawn(|| {
+                    let r = c.get_or_compute(b"k", || {
+                        computed.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        std::thread::sleep(std::time::Duration::from_millis(50));
+                        Ok::<_, ()>(b"v".to_vec())
+                    });
+                    assert!(matches!(r, Computed::Value(v) if &*v == b"v"));
+                });
+            }
+        });
+        assert_eq!(computed.into_inner(), 1);
+        assert_eq!(c.stats().inserts, 1);
+    }
+
+    #[test]
+    fn a_reset_during_a_computation_keeps_its_value_out() {
+        let c = Cache::new("t", bounds(10, None));
+        let r = c.get_or_compute(b"k", || {
+            c.reset(); // the user resets while this computes
+            Ok::<_, ()>(b"stale".to_vec())
+        });
+        assert!(
+            matches!(r, Computed::Value(v) if &*v == b"stale"),
+            "the caller still gets its value"
+        );
+        assert!(c.get(b"k").is_none(), "but it is not stored");
+        assert_eq!(c.stats().entries, 0);
+    }
+
+    #[test]
+    fn a_computation_asking_for_its_own_key_is_a_cycle() {
+        let c = Cache::new("t", bounds(10, None));
+        let r = c.get_or_compute(b"k", || {
+            match c.get_or_compute(b"k", || Ok::<_, ()>(b"x".to_vec())) {
+                Computed::Cycle => Err("cycle"),
+                _ => Ok(b"no cycle seen".to_vec()),
+            }
+        });
+        assert!(matches!(r, Computed::Failed("cycle")));
+        // A failed computation stores nothing and leaves no flight behind.
+        assert!(
+            matches!(c.get_or_compute(b"k", || Ok::<_, ()>(b"y".to_vec())), Computed::Value(v) if &*v == b"y")
+        );
+    }
+
+    #[test]
+    fn a_failed_leader_hands_over_to_a_waiter() {
+        let c = Cache::new("t", bounds(10, None));
+        std::thread::scope(|s| {
+            let leader = s.spawn(|| {
+                c.get_or_compute(b"k", || {
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                    Err::<Vec<u8>, _>("failed")
+                })
+            });
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            let waiter = c.get_or_compute(b"k", || Ok::<_, &str>(b"second try".to_vec()));
+            assert!(matches!(waiter, Computed::Value(v) if &*v == b"second try"));
+            assert!(matches!(leader.join().unwrap(), Computed::Failed("failed")));
+        });
     }
 
     #[test]

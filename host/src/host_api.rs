@@ -9,9 +9,9 @@
 use std::ffi::c_void;
 use std::sync::Arc;
 
-use keepwarm_api::abi::{self, KwHostApi, KwSlice, KwStatus, KwValue};
+use keepwarm_api::abi::{self, KwCompute, KwHostApi, KwSlice, KwStatus, KwValue};
 
-use crate::cache::{PutError, Store};
+use crate::cache::{Computed, PutError, Store};
 
 /// Receives the lines plugins log: (generation, level, message).
 pub type LogSink = Arc<dyn Fn(u64, u32, &str) + Send + Sync>;
@@ -55,6 +55,7 @@ impl HostTable {
             cache_put,
             cache_reset,
             log: log_line,
+            cache_get_or_compute,
         });
         HostTable {
             table,
@@ -105,22 +106,76 @@ unsafe extern "C" fn cache_get(
         }
         match ctx.store.with_cache(cache, |c| c.get(key)) {
             Some(value) => {
-                let len = value.len();
-                // The lease is one strong count of the Arc, given up in
-                // value_release; the cache itself may drop its own meanwhile.
-                let ptr = Arc::into_raw(value) as *const u8;
                 // SAFETY: `out` is non-NULL and points to the plugin's KwValue.
-                unsafe {
-                    out.write(KwValue {
-                        ptr,
-                        len,
-                        lease: ptr as *const c_void,
-                    })
-                };
+                unsafe { lend(value, out) };
                 abi::KW_OK
             }
             None => abi::KW_MISS,
         }
+    })
+}
+
+/// Lends `value` to the plugin through `out`: the lease is one strong count
+/// of the Arc, given back in value_release; the cache may drop its own count
+/// meanwhile.
+///
+/// # Safety
+/// `out` must be non-NULL and valid for a write.
+unsafe fn lend(value: Arc<[u8]>, out: *mut KwValue) {
+    let len = value.len();
+    let ptr = Arc::into_raw(value) as *const u8;
+    // SAFETY: per the contract.
+    unsafe {
+        out.write(KwValue {
+            ptr,
+            len,
+            lease: ptr as *const c_void,
+        })
+    };
+}
+
+unsafe extern "C" fn cache_get_or_compute(
+    ctx: *mut c_void,
+    cache: KwSlice,
+    key: KwSlice,
+    compute: KwCompute,
+    out: *mut KwValue,
+) -> KwStatus {
+    keepwarm_api::ffi_boundary(None, || {
+        // SAFETY: as in cache_get.
+        let (Some(ctx), Some(cache), Some(key)) =
+            (unsafe { context(ctx) }, unsafe { name(cache) }, unsafe {
+                key.as_bytes()
+            })
+        else {
+            return abi::KW_INVALID_ARGUMENT;
+        };
+        if out.is_null() {
+            return abi::KW_INVALID_ARGUMENT;
+        }
+        let run = || {
+            let mut bytes = Vec::new();
+            let mut sink = crate::loader::output_to(&mut bytes);
+            // SAFETY: the plugin's computation, called once on this thread
+            // with its own `user` pointer (ABI contract); `sink` outlives it.
+            let status = unsafe { (compute.call)(compute.user, &mut sink) };
+            if status == abi::KW_OK {
+                Ok(bytes)
+            } else {
+                Err((status, bytes))
+            }
+        };
+        // The store's read lock is not held while computing: the cache is
+        // looked up (or created) first, then computed into with no lock.
+        let cache = ctx.store.cache(cache);
+        let (status, value) = match cache.get_or_compute(key, run) {
+            Computed::Value(v) => (abi::KW_OK, v),
+            Computed::Cycle => return abi::KW_CYCLE,
+            Computed::Failed((status, message)) => (status, Arc::from(message)),
+        };
+        // SAFETY: `out` is non-NULL and points to the plugin's KwValue.
+        unsafe { lend(value, out) };
+        status
     })
 }
 

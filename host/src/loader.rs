@@ -80,7 +80,7 @@ impl fmt::Display for LoadError {
             LoadError::Dlopen(why) => write!(f, "dlopen failed: {why}"),
             LoadError::NoEntrySymbol => write!(
                 f,
-                "the library has no `{}` symbol, so it is not a keepwarm plugin — declare one with keepwarm_api::plugin! (Rust) or KEEPWARM_PLUGIN (C)",
+                "the library has no `{}` symbol, so it is not a keepwarm plugin — declare one with keepwarm_api::plugin! (Rust), or export `const KwPlugin *keepwarm_plugin(void)` (C, see keepwarm.h)",
                 keepwarm_api::KW_ENTRY_SYMBOL
             ),
             LoadError::AbiMismatch { plugin } => write!(

@@ -154,6 +154,27 @@ typedef struct KwValue {
 } KwValue;
 
 /**
+ * A computation the host runs on a cache miss in
+ * [`KwHostApi::cache_get_or_compute`].
+ *
+ * Ownership: `user` belongs to the plugin and is only passed back to `call`,
+ * during the `cache_get_or_compute` call that received it.
+ */
+typedef struct KwCompute {
+  /**
+   * The plugin's state for the computation.
+   */
+  void *user;
+  /**
+   * Computes the value and writes its bytes to `out`; returns [`KW_OK`]
+   * on success, or another status (with a message written to `out`) on
+   * failure. Called at most once, on the thread that called
+   * `cache_get_or_compute`, with no host lock held.
+   */
+  KwStatus (*call)(void *user, struct KwOutput *out);
+} KwCompute;
+
+/**
  * The table of host functions that the host hands a plugin in `on_load`.
  *
  * Ownership: the host owns the table and keeps it valid, with everything it
@@ -205,6 +226,20 @@ typedef struct KwHostApi {
    * generation. `level` is one of the `KW_LOG_*` constants.
    */
   void (*log)(void *ctx, uint32_t level, struct KwSlice message);
+  /**
+   * Memoization with a single flight: looks `key` up and, on a miss, runs
+   * `compute` unless another thread is computing the same key, in which
+   * case it waits for that thread's value. On [`KW_OK`], `*out` holds the
+   * value (release it with `value_release`). The computed value is stored
+   * unless the cache was reset while it was being computed. Returns
+   * [`KW_CYCLE`] when the computation needs its own key, or the status of a
+   * failed `compute` (then `*out` holds its message, to release likewise).
+   */
+  KwStatus (*cache_get_or_compute)(void *ctx,
+                                   struct KwSlice cache,
+                                   struct KwSlice key,
+                                   struct KwCompute compute,
+                                   struct KwValue *out);
 } KwHostApi;
 
 /**
@@ -293,6 +328,12 @@ typedef const struct KwPlugin *(*KwEntryFn)(void);
  * was not stored. Nothing was evicted.
  */
 #define KW_TOO_LARGE 5
+
+/**
+ * `cache_get_or_compute`: the computation asked, directly or through other
+ * threads waiting for each other, for the very key it is computing.
+ */
+#define KW_CYCLE 6
 
 #endif  /* KEEPWARM_H */
 

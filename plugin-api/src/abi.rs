@@ -39,6 +39,10 @@ pub const KW_INVALID_ARGUMENT: KwStatus = 4;
 /// was not stored. Nothing was evicted.
 pub const KW_TOO_LARGE: KwStatus = 5;
 
+/// `cache_get_or_compute`: the computation asked, directly or through other
+/// threads waiting for each other, for the very key it is computing.
+pub const KW_CYCLE: KwStatus = 6;
+
 /// Log levels for [`KwHostApi::log`].
 pub const KW_LOG_ERROR: u32 = 1;
 /// Warning level.
@@ -152,6 +156,23 @@ pub struct KwOutput {
     pub write: unsafe extern "C" fn(ctx: *mut c_void, ptr: *const u8, len: usize),
 }
 
+/// A computation the host runs on a cache miss in
+/// [`KwHostApi::cache_get_or_compute`].
+///
+/// Ownership: `user` belongs to the plugin and is only passed back to `call`,
+/// during the `cache_get_or_compute` call that received it.
+#[repr(C)]
+#[derive(Debug)]
+pub struct KwCompute {
+    /// The plugin's state for the computation.
+    pub user: *mut c_void,
+    /// Computes the value and writes its bytes to `out`; returns [`KW_OK`]
+    /// on success, or another status (with a message written to `out`) on
+    /// failure. Called at most once, on the thread that called
+    /// `cache_get_or_compute`, with no host lock held.
+    pub call: unsafe extern "C" fn(user: *mut c_void, out: *mut KwOutput) -> KwStatus,
+}
+
 /// The table of host functions that the host hands a plugin in `on_load`.
 ///
 /// Ownership: the host owns the table and keeps it valid, with everything it
@@ -196,6 +217,20 @@ pub struct KwHostApi {
     /// Writes one line to the host's output, tagged with the plugin's
     /// generation. `level` is one of the `KW_LOG_*` constants.
     pub log: unsafe extern "C" fn(ctx: *mut c_void, level: u32, message: KwSlice),
+    /// Memoization with a single flight: looks `key` up and, on a miss, runs
+    /// `compute` unless another thread is computing the same key, in which
+    /// case it waits for that thread's value. On [`KW_OK`], `*out` holds the
+    /// value (release it with `value_release`). The computed value is stored
+    /// unless the cache was reset while it was being computed. Returns
+    /// [`KW_CYCLE`] when the computation needs its own key, or the status of a
+    /// failed `compute` (then `*out` holds its message, to release likewise).
+    pub cache_get_or_compute: unsafe extern "C" fn(
+        ctx: *mut c_void,
+        cache: KwSlice,
+        key: KwSlice,
+        compute: KwCompute,
+        out: *mut KwValue,
+    ) -> KwStatus,
 }
 
 /// One function the plugin exports, callable by name (`keepwarm call NAME`).

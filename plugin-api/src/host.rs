@@ -3,7 +3,7 @@
 
 use core::sync::atomic::{AtomicPtr, Ordering};
 
-use crate::abi::{self, KwHostApi, KwSlice, KwValue};
+use crate::abi::{self, KwCompute, KwHostApi, KwOutput, KwSlice, KwStatus, KwValue};
 use crate::Error;
 
 /// The host table of the generation this copy of the library belongs to.
@@ -71,6 +71,61 @@ impl Drop for Value {
 impl core::fmt::Debug for Value {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.debug_tuple("Value").field(&&**self).finish()
+    }
+}
+
+/// What [`get_or_compute`] got from the host.
+#[doc(hidden)]
+pub enum Flown {
+    /// A value: stored, or computed (here or by another thread).
+    Value(Value),
+    /// The computation needs its own key.
+    Cycle,
+    /// The computation failed (its panic or error is with the caller).
+    Failed,
+    /// Not loaded by a host.
+    NoHost,
+}
+
+/// Runs the host's single-flight memoization; falls back to a plain lookup
+/// (the caller then computes) on a host table without it.
+#[doc(hidden)]
+pub fn get_or_compute(
+    cache: &str,
+    key: &[u8],
+    user: *mut core::ffi::c_void,
+    call: unsafe extern "C" fn(*mut core::ffi::c_void, *mut KwOutput) -> KwStatus,
+) -> Flown {
+    let Some(host) = host() else {
+        return Flown::NoHost;
+    };
+    let has_it = host.size as usize
+        >= core::mem::offset_of!(KwHostApi, cache_get_or_compute) + core::mem::size_of::<usize>();
+    if !has_it {
+        return host_cache_get(cache, key).map_or(Flown::Failed, Flown::Value);
+    }
+    let mut raw = KwValue::empty();
+    // SAFETY: the table is valid and large enough (checked above); the
+    // slices borrow live data for the call; `user` and `call` are the
+    // caller's matching state and computation.
+    let status = unsafe {
+        (host.cache_get_or_compute)(
+            host.ctx,
+            KwSlice::from_str(cache),
+            KwSlice::from_bytes(key),
+            KwCompute { user, call },
+            &mut raw,
+        )
+    };
+    match status {
+        abi::KW_OK => Flown::Value(Value { raw, host }),
+        abi::KW_CYCLE => Flown::Cycle,
+        abi::KW_INVALID_ARGUMENT => Flown::Failed,
+        // A failure still lends the message: give it back.
+        _ => {
+            drop(Value { raw, host });
+            Flown::Failed
+        }
     }
 }
 

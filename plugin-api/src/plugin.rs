@@ -5,6 +5,7 @@
 //! a panic before it could unwind into the host.
 
 use std::any::Any;
+use std::ffi::c_void;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use serde::de::DeserializeOwned;
@@ -119,9 +120,16 @@ impl KwCacheDecl {
 
 /// Memoizes `compute` in the host cache `cache` under `key`.
 ///
-/// Keys and values are encoded with postcard. A stored value that does not
-/// decode as `V` (the return type changed between reloads) counts as a miss
-/// and is overwritten. Outside a host, `compute` simply runs.
+/// On a miss, `compute` runs in this thread; when several threads miss the
+/// same key at once, one computes and the others wait for its value (the
+/// host's single flight), and a value computed while the cache was reset is
+/// returned but not stored. Keys and values are encoded with postcard, values
+/// behind an 8-byte tag of their type's name: a stored value of another type
+/// (the return type changed between reloads), or one that does not decode,
+/// counts as a miss and is overwritten, never returned as garbage. A
+/// computation that needs its own key panics with a message naming the cache
+/// (the call fails with that error) instead of deadlocking. Outside a host,
+/// `compute` simply runs.
 ///
 /// ```
 /// let v = keepwarm_api::cached("square", &12u64, || 12u64 * 12);
@@ -136,18 +144,111 @@ where
     let Ok(key_bytes) = postcard::to_stdvec(key) else {
         return compute();
     };
-    if let Some(stored) = crate::host_cache_get(cache, &key_bytes) {
-        if let Ok((value, [])) = postcard::take_from_bytes::<V>(&stored) {
-            return value;
-        }
+    let mut state = Flight::<F, V> {
+        compute: Some(compute),
+        value: None,
+        panic: None,
+    };
+    let status = crate::host::get_or_compute(
+        cache,
+        &key_bytes,
+        &mut state as *mut Flight<F, V> as *mut c_void,
+        flight_call::<F, V>,
+    );
+    if let Some(payload) = state.panic.take() {
+        std::panic::resume_unwind(payload);
     }
+    if let Some(value) = state.value.take() {
+        return value; // computed right here
+    }
+    match status {
+        crate::host::Flown::Value(stored) => {
+            if let Some(value) = decode::<V>(&stored) {
+                return value;
+            }
+        }
+        crate::host::Flown::Cycle => {
+            panic!("memoization cycle in cache `{cache}`: computing a key needs the same key")
+        }
+        crate::host::Flown::NoHost | crate::host::Flown::Failed => {}
+    }
+    // No host, or a stored value of another type: compute and overwrite.
+    let compute = state.compute.take().expect("not computed yet");
     let value = compute();
-    if let Ok(bytes) = postcard::to_stdvec(&value) {
+    if let Some(bytes) = encode(&value) {
         if let Err(e) = crate::host_cache_put(cache, &key_bytes, &bytes) {
             crate::log_line(abi::KW_LOG_DEBUG, &format!("not cached: {e}"));
         }
     }
     value
+}
+
+/// The state of one [`cached`] call, reached by [`flight_call`] through the
+/// host's `user` pointer.
+struct Flight<F, V> {
+    compute: Option<F>,
+    value: Option<V>,
+    panic: Option<Box<dyn Any + Send>>,
+}
+
+/// The computation the host runs on a miss.
+///
+/// # Safety
+/// `user` must be the `Flight<F, V>` of the `cached` call that passed it, and
+/// `out` a valid output for this call.
+unsafe extern "C" fn flight_call<F, V>(user: *mut c_void, out: *mut KwOutput) -> KwStatus
+where
+    F: FnOnce() -> V,
+    V: Serialize,
+{
+    // SAFETY: per the contract: `cached` passes its own live Flight, and the
+    // host calls this at most once, on the same thread, during that call.
+    let (flight, out) = unsafe { (&mut *(user as *mut Flight<F, V>), out.as_ref()) };
+    let Some(compute) = flight.compute.take() else {
+        return abi::KW_INVALID_ARGUMENT;
+    };
+    // The panic is carried back to `cached`, which resumes it in the plugin:
+    // it never crosses the host's frames.
+    match catch_unwind(AssertUnwindSafe(compute)) {
+        Ok(value) => {
+            let status = match encode(&value) {
+                Some(bytes) => {
+                    write(out, &bytes);
+                    abi::KW_OK
+                }
+                None => abi::KW_ERROR,
+            };
+            flight.value = Some(value);
+            status
+        }
+        Err(payload) => {
+            flight.panic = Some(payload);
+            abi::KW_PANIC
+        }
+    }
+}
+
+/// An 8-byte tag of `V`'s type name (FNV-1a), stored before each value.
+fn type_tag<V>() -> [u8; 8] {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in std::any::type_name::<V>().bytes() {
+        hash = (hash ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+    }
+    hash.to_le_bytes()
+}
+
+fn encode<V: Serialize>(value: &V) -> Option<Vec<u8>> {
+    let mut bytes = type_tag::<V>().to_vec();
+    postcard::to_io(value, &mut bytes).ok()?;
+    Some(bytes)
+}
+
+fn decode<V: DeserializeOwned>(bytes: &[u8]) -> Option<V> {
+    let body = bytes.strip_prefix(&type_tag::<V>())?;
+    match postcard::take_from_bytes::<V>(body) {
+        Ok((value, [])) => Some(value),
+        _ => None,
+    }
 }
 
 /// The panic message of a caught panic payload.

@@ -42,7 +42,11 @@ fn generation(host: &Host) -> u64 {
 fn wait_for_generation(host: &Host, n: u64) {
     let deadline = Instant::now() + Duration::from_secs(60);
     while generation(host) < n {
-        assert!(Instant::now() < deadline, "generation {n} never came; status: {:?}", host.status());
+        assert!(
+            Instant::now() < deadline,
+            "generation {n} never came; status: {:?}",
+            host.status()
+        );
         std::thread::sleep(Duration::from_millis(1));
     }
 }
@@ -68,7 +72,11 @@ fn vm_rss_kib() -> u64 {
 
 fn shadow_mappings() -> usize {
     let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
-    let mut files: Vec<&str> = maps.lines().filter(|l| l.contains("/gen-")).filter_map(|l| l.split_whitespace().nth(5)).collect();
+    let mut files: Vec<&str> = maps
+        .lines()
+        .filter(|l| l.contains("/gen-"))
+        .filter_map(|l| l.split_whitespace().nth(5))
+        .collect();
     files.sort();
     files.dedup();
     files.len()
@@ -80,7 +88,10 @@ fn load_during_reloads_loses_no_call_and_no_entry() {
     let (_dir, path, host, _watch) = host_on_swap_a();
     const KEYS: u64 = 100;
     for x in 0..KEYS {
-        assert_eq!(host.call("whole", &[x.into()]).unwrap(), json!(["a", x * x, "a"]));
+        assert_eq!(
+            host.call("whole", &[x.into()]).unwrap(),
+            json!(["a", x * x, "a"])
+        );
     }
     let stop = AtomicBool::new(false);
     let calls = AtomicU64::new(0);
@@ -91,7 +102,8 @@ fn load_during_reloads_loses_no_call_and_no_entry() {
     const SWAPS: u64 = 200;
     std::thread::scope(|s| {
         for t in 0..4u64 {
-            let (host, stop, calls, failures, longest) = (&host, &stop, &calls, &failures, &longest);
+            let (host, stop, calls, failures, longest) =
+                (&host, &stop, &calls, &failures, &longest);
             s.spawn(move || {
                 let mut i = t;
                 while !stop.load(Ordering::Relaxed) {
@@ -105,7 +117,10 @@ fn load_during_reloads_loses_no_call_and_no_entry() {
                     longest.fetch_max(begun.elapsed().as_micros() as u64, Ordering::Relaxed);
                     let whole = match &answer {
                         Ok(v) if memo => {
-                            v[0] == v[2] && (v[0] == "a" || v[0] == "b") && v[1] == x * x && v.as_array().unwrap().len() == 3
+                            v[0] == v[2]
+                                && (v[0] == "a" || v[0] == "b")
+                                && v[1] == x * x
+                                && v.as_array().unwrap().len() == 3
                         }
                         Ok(v) => (v[0] == "a" || v[0] == "b") && v[1] == x + 1,
                         Err(_) => false,
@@ -139,7 +154,11 @@ fn load_during_reloads_loses_no_call_and_no_entry() {
     assert!(calls > SWAPS, "the callers must have run during the swaps");
     assert_eq!(generation(&host), SWAPS + 1);
     let sq = &host.stats(Some("sq")).unwrap()[0];
-    assert_eq!((sq.entries, sq.evictions, sq.resets), (KEYS, 0, 0), "no cached entry lost: {sq:?}");
+    assert_eq!(
+        (sq.entries, sq.evictions, sq.resets),
+        (KEYS, 0, 0),
+        "no cached entry lost: {sq:?}"
+    );
     assert_eq!(host.status().failed_reloads, 0);
 }
 
@@ -156,7 +175,11 @@ fn a_thousand_reloads_keep_shadow_files_bounded() {
         swap(if n % 2 == 0 { &b } else { &a }, &path, false);
         wait_for_generation(&host, n + 2);
         if n == 99 {
-            eprintln!("reloads: after 100, RSS +{} KiB, shadow mappings {}", vm_rss_kib() - rss_before, shadow_mappings());
+            eprintln!(
+                "reloads: after 100, RSS +{} KiB, shadow mappings {}",
+                vm_rss_kib() - rss_before,
+                shadow_mappings()
+            );
         }
     }
     let shadow_files = std::fs::read_dir(host.shadow_dir()).unwrap().count();
@@ -167,8 +190,14 @@ fn a_thousand_reloads_keep_shadow_files_bounded() {
         rss_growth as f64 / RELOADS as f64,
         shadow_mappings()
     );
-    assert_eq!(shadow_files, 1, "only the live generation's shadow copy remains");
-    assert_eq!(host.call("version", &[]).unwrap(), if RELOADS % 2 == 0 { "a" } else { "b" });
+    assert_eq!(
+        shadow_files, 1,
+        "only the live generation's shadow copy remains"
+    );
+    assert_eq!(
+        host.call("version", &[]).unwrap(),
+        if RELOADS % 2 == 0 { "a" } else { "b" }
+    );
 }
 
 #[test]
@@ -180,11 +209,18 @@ fn contended_cache_figures_stay_consistent() {
     const ROUNDS: u64 = 5_000;
     std::thread::scope(|s| {
         for _ in 0..THREADS {
-            s.spawn(|| host.call("hammer", &["contended".into(), 100.into(), ROUNDS.into()]).unwrap());
+            s.spawn(|| {
+                host.call("hammer", &["contended".into(), 100.into(), ROUNDS.into()])
+                    .unwrap()
+            });
         }
     });
     let c = &host.stats(Some("contended")).unwrap()[0];
-    assert_eq!(c.hits + c.misses, THREADS * ROUNDS, "every lookup counted once: {c:?}");
+    assert_eq!(
+        c.hits + c.misses,
+        THREADS * ROUNDS,
+        "every lookup counted once: {c:?}"
+    );
     assert!(c.entries <= c.capacity && c.capacity == 64, "{c:?}");
     assert_eq!(c.inserts, c.misses, "each miss stored once: {c:?}");
     // Two threads that miss the same key both store it: the second store

@@ -13,6 +13,11 @@ use anyhow::{bail, Context};
 use super::protocol::{parse_request, ErrorCode, Response, MAX_REQUEST_BYTES};
 use crate::host::Host;
 
+/// Stack size of the threads that run calls: deep memoized recursion (each
+/// level passes through the host and back) needs more than the default 2 MiB.
+/// Only touched pages cost memory.
+pub const CALL_STACK_BYTES: usize = 64 << 20;
+
 /// How long a connection may stay silent before the host closes it.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -67,6 +72,7 @@ impl Server {
                     let host = Arc::clone(&host);
                     let _ = std::thread::Builder::new()
                         .name("keepwarm-conn".into())
+                        .stack_size(CALL_STACK_BYTES)
                         .spawn(move || serve(&host, stream));
                 }
             })?;
