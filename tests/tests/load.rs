@@ -196,7 +196,7 @@ fn a_thousand_reloads_keep_shadow_files_bounded() {
     );
     assert_eq!(
         host.call("version", &[]).unwrap(),
-        if RELOADS % 2 == 0 { "a" } else { "b" }
+        if RELOADS.is_multiple_of(2) { "a" } else { "b" }
     );
 }
 
