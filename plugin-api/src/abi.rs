@@ -303,6 +303,9 @@ pub struct KwPlugin {
 
 // SAFETY: immutable static data of the plugin (see the type's docs).
 unsafe impl Sync for KwPlugin {}
+// SAFETY: as above; a descriptor may be built once on any thread and read
+// from all.
+unsafe impl Send for KwPlugin {}
 
 /// The signature of the entry symbol.
 pub type KwEntryFn = unsafe extern "C" fn() -> *const KwPlugin;

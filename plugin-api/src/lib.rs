@@ -51,10 +51,25 @@ pub use plugin::{cache, cached, ffi_boundary, panic_message, Args};
 /// [`abi::KwPlugin`] descriptor.
 pub const KW_ENTRY_SYMBOL: &str = "keepwarm_plugin";
 
+pub use keepwarm_macros::{export, memo};
+
 #[doc(hidden)]
 pub mod __private {
     pub use crate::host::install;
-    pub use crate::plugin::{call_json, on_load, on_unload};
+    pub use crate::plugin::{
+        assert_key, assert_value, cached_key, call_json, encode_key, on_load, on_unload,
+    };
+    pub use linkme;
+
+    /// The functions `#[export]` registers, one link section per library.
+    #[linkme::distributed_slice]
+    #[linkme(crate = linkme)]
+    pub static EXPORTS: [crate::abi::KwFunction];
+
+    /// The caches `#[memo]` declares.
+    #[linkme::distributed_slice]
+    #[linkme(crate = linkme)]
+    pub static MEMO_CACHES: [crate::abi::KwCacheDecl];
 }
 
 /// Logs one line through the host, tagged there with this plugin's
@@ -73,6 +88,13 @@ macro_rules! log {
 
 /// Declares the plugin and generates its entry symbol, `keepwarm_plugin`.
 ///
+/// Two forms:
+/// - `plugin!(name: "example")` (optionally with `on_load:`/`on_unload:`):
+///   the plugin exports every `#[export]` function and declares every
+///   `#[memo]` cache of the library;
+/// - the explicit form below, for functions written against [`Args`]
+///   without the attributes.
+///
 /// - `name`: the plugin's name;
 /// - `functions`: functions `fn(&Args) -> Result<T, Error>` with `T:
 ///   Serialize`, exported under their own names;
@@ -85,6 +107,58 @@ macro_rules! log {
 /// Use it once per library. See the crate docs for an example.
 #[macro_export]
 macro_rules! plugin {
+    (
+        name: $name:literal
+        $(, on_load: $on_load:path)?
+        $(, on_unload: $on_unload:path)?
+        $(,)?
+    ) => {
+        const _: () = {
+            use $crate::abi as __kw;
+
+            unsafe extern "C" fn on_load(
+                host: *const __kw::KwHostApi,
+                err: *mut __kw::KwOutput,
+            ) -> __kw::KwStatus {
+                #[allow(unused_mut, unused_assignments)]
+                let mut hook: Option<fn() -> Result<(), $crate::Error>> = None;
+                $( hook = Some($on_load); )?
+                // SAFETY: the host passes a table valid while this library is
+                // loaded, and an output valid for this call.
+                unsafe { $crate::__private::on_load(host, err, hook) }
+            }
+
+            unsafe extern "C" fn on_unload() {
+                #[allow(unused_mut, unused_assignments)]
+                let mut hook: Option<fn()> = None;
+                $( hook = Some($on_unload); )?
+                $crate::__private::on_unload(hook)
+            }
+
+            // Built on first use: the registered lists are only known at
+            // link time, so they cannot appear in a constant.
+            static DESCRIPTOR: ::std::sync::OnceLock<__kw::KwPlugin> = ::std::sync::OnceLock::new();
+
+            #[unsafe(no_mangle)]
+            pub extern "C" fn keepwarm_plugin() -> *const __kw::KwPlugin {
+                DESCRIPTOR.get_or_init(|| {
+                    let functions = &$crate::__private::EXPORTS;
+                    let caches = &$crate::__private::MEMO_CACHES;
+                    __kw::KwPlugin {
+                        abi_version: __kw::KW_ABI_VERSION,
+                        size: ::core::mem::size_of::<__kw::KwPlugin>() as u32,
+                        name: __kw::KwSlice::from_str($name),
+                        functions: functions.as_ptr(),
+                        function_count: functions.len(),
+                        caches: caches.as_ptr(),
+                        cache_count: caches.len(),
+                        on_load: Some(on_load),
+                        on_unload: Some(on_unload),
+                    }
+                })
+            }
+        };
+    };
     (
         name: $name:literal,
         functions: [ $($func:ident),* $(,)? ]

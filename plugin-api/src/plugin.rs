@@ -141,7 +141,31 @@ where
     V: Serialize + DeserializeOwned,
     F: FnOnce() -> V,
 {
-    let Ok(key_bytes) = postcard::to_stdvec(key) else {
+    cached_key(cache, encode_key(key), compute)
+}
+
+/// Encodes a memo key (postcard); `None` for a key serde refuses.
+#[doc(hidden)]
+pub fn encode_key<K: Serialize + ?Sized>(key: &K) -> Option<Vec<u8>> {
+    postcard::to_stdvec(key).ok()
+}
+
+/// `#[memo]`'s compile-time check that an argument can be a key.
+#[doc(hidden)]
+pub fn assert_key<K: Serialize + ?Sized>() {}
+
+/// `#[memo]`'s compile-time check that a result can be cached.
+#[doc(hidden)]
+pub fn assert_value<V: Serialize + DeserializeOwned>() {}
+
+/// [`cached`] with the key already encoded (what `#[memo]` expands to).
+#[doc(hidden)]
+pub fn cached_key<V, F>(cache: &str, key: Option<Vec<u8>>, compute: F) -> V
+where
+    V: Serialize + DeserializeOwned,
+    F: FnOnce() -> V,
+{
+    let Some(key_bytes) = key else {
         return compute();
     };
     let mut state = Flight::<F, V> {

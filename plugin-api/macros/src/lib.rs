@@ -1,0 +1,246 @@
+//! `keepwarm-macros`: the `#[memo]` and `#[export]` attributes of
+//! `keepwarm-api`. Use them through `keepwarm_api::memo` and
+//! `keepwarm_api::export`; this crate's items are documented there.
+//!
+//! Both attributes register what they generate in link-time lists (the
+//! `linkme` crate's distributed slices, one section per library), which the
+//! one-line `keepwarm_api::plugin!(name: "...")` turns into the plugin's
+//! descriptor. Each loaded copy of a library has its own sections, so two
+//! generations never see each other's lists.
+//!
+//! ```ignore
+//! #[keepwarm_api::export]
+//! #[keepwarm_api::memo]
+//! fn square(x: u64) -> u64 {
+//!     x * x
+//! }
+//! keepwarm_api::plugin!(name: "example");
+//! ```
+
+use proc_macro::TokenStream;
+use proc_macro2::{Span, TokenStream as TokenStream2};
+use quote::{format_ident, quote, quote_spanned, ToTokens};
+use syn::spanned::Spanned;
+use syn::{parse_macro_input, FnArg, ItemFn, LitInt, LitStr, Pat, ReturnType, Type};
+
+/// FNV-1a, 64 bits: a stable hash for code tokens (not for security).
+fn fnv64(bytes: &[u8]) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        hash = (hash ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
+    }
+    hash
+}
+
+fn error(span: Span, message: &str) -> TokenStream {
+    syn::Error::new(span, message).to_compile_error().into()
+}
+
+/// The argument names and types of a free function; an error for `self` or
+/// patterns.
+fn plain_args(f: &ItemFn, attr: &str) -> Result<Vec<(syn::Ident, Type)>, TokenStream> {
+    let mut args = Vec::new();
+    for input in &f.sig.inputs {
+        match input {
+            FnArg::Receiver(r) => {
+                return Err(error(
+                    r.span(),
+                    &format!(
+                        "#[{attr}] works on free functions only: `self` cannot be part of a cache key or a JSON call; \
+                         move the computation into a free function that takes what it needs"
+                    ),
+                ))
+            }
+            FnArg::Typed(t) => match &*t.pat {
+                Pat::Ident(p) if p.by_ref.is_none() && p.subpat.is_none() => args.push((p.ident.clone(), (*t.ty).clone())),
+                other => {
+                    return Err(error(
+                        other.span(),
+                        &format!("#[{attr}] needs a plain argument name here (like `x: u64`), not a pattern"),
+                    ))
+                }
+            },
+        }
+    }
+    if let Some(g) = f.sig.generics.params.first() {
+        return Err(error(
+            g.span(),
+            &format!("#[{attr}] does not support generic functions: the cache and the JSON call need one concrete type per argument"),
+        ));
+    }
+    if let Some(a) = &f.sig.asyncness {
+        return Err(error(
+            a.span(),
+            &format!("#[{attr}] does not support async functions"),
+        ));
+    }
+    Ok(args)
+}
+
+/// Memoizes a function in a host cache named after it (see
+/// `keepwarm_api::memo` for the documentation).
+#[proc_macro_attribute]
+pub fn memo(attr: TokenStream, item: TokenStream) -> TokenStream {
+    let original = item.clone();
+    let f = parse_macro_input!(item as ItemFn);
+    let mut name: Option<String> = None;
+    let mut max_entries = 0u64;
+    let mut max_bytes = 0u64;
+    let mut version: Option<u64> = None;
+    let mut reset_on_change = false;
+    let parser = syn::meta::parser(|meta| {
+        if meta.path.is_ident("name") {
+            name = Some(meta.value()?.parse::<LitStr>()?.value());
+        } else if meta.path.is_ident("max_entries") {
+            max_entries = meta.value()?.parse::<LitInt>()?.base10_parse()?;
+        } else if meta.path.is_ident("max_bytes") {
+            max_bytes = meta.value()?.parse::<LitInt>()?.base10_parse()?;
+        } else if meta.path.is_ident("version") {
+            version = Some(meta.value()?.parse::<LitInt>()?.base10_parse()?);
+        } else if meta.path.is_ident("reset_on_change") {
+            reset_on_change = true;
+        } else {
+            return Err(meta.error(
+                "unknown #[memo] option; expected name = \"...\", max_entries = N, max_bytes = N, version = N or reset_on_change",
+            ));
+        }
+        Ok(())
+    });
+    parse_macro_input!(attr with parser);
+    let args = match plain_args(&f, "memo") {
+        Ok(a) => a,
+        Err(e) => return e,
+    };
+    let ReturnType::Type(_, ret) = &f.sig.output else {
+        return error(
+            f.sig.span(),
+            "#[memo] needs a function that returns a value to cache",
+        );
+    };
+    let cache = name.unwrap_or_else(|| f.sig.ident.to_string());
+    // The code hash: the function's own tokens (reset_on_change) and/or the
+    // version tag; 0 when neither is asked for.
+    let mut code_hash = 0u64;
+    if reset_on_change {
+        code_hash = fnv64(original.to_string().as_bytes());
+    }
+    if let Some(v) = version {
+        code_hash = fnv64(&[code_hash.to_le_bytes(), v.to_le_bytes()].concat()) | 1;
+    }
+    let attrs = &f.attrs;
+    let vis = &f.vis;
+    let sig = &f.sig;
+    let block = &f.block;
+    let names: Vec<_> = args.iter().map(|(n, _)| n).collect();
+    let checks = args.iter().map(|(_, ty)| {
+        quote_spanned! {ty.span()=> ::keepwarm_api::__private::assert_key::<#ty>(); }
+    });
+    let ret_check =
+        quote_spanned! {ret.span()=> ::keepwarm_api::__private::assert_value::<#ret>(); };
+    quote! {
+        #(#attrs)*
+        #vis #sig {
+            #[::keepwarm_api::__private::linkme::distributed_slice(::keepwarm_api::__private::MEMO_CACHES)]
+            #[linkme(crate = ::keepwarm_api::__private::linkme)]
+            static __KW_MEMO_CACHE: ::keepwarm_api::abi::KwCacheDecl = ::keepwarm_api::cache(#cache)
+                .max_entries(#max_entries)
+                .max_bytes(#max_bytes)
+                .code_hash(#code_hash);
+            #(#checks)*
+            #ret_check
+            let __kw_key = ::keepwarm_api::__private::encode_key(&(#(&#names,)*));
+            ::keepwarm_api::__private::cached_key(#cache, __kw_key, move || -> #ret #block)
+        }
+    }
+    .into()
+}
+
+/// Whether a return type is spelled `Result<...>` (then its error is the
+/// call's error).
+fn returns_result(ret: &ReturnType) -> bool {
+    match ret {
+        ReturnType::Type(_, ty) => match &**ty {
+            Type::Path(p) => p.path.segments.last().is_some_and(|s| s.ident == "Result"),
+            _ => false,
+        },
+        ReturnType::Default => false,
+    }
+}
+
+/// Makes a function callable by `keepwarm call` (see `keepwarm_api::export`).
+#[proc_macro_attribute]
+pub fn export(attr: TokenStream, item: TokenStream) -> TokenStream {
+    let f = parse_macro_input!(item as ItemFn);
+    let mut name: Option<String> = None;
+    let parser = syn::meta::parser(|meta| {
+        if meta.path.is_ident("name") {
+            name = Some(meta.value()?.parse::<LitStr>()?.value());
+            Ok(())
+        } else {
+            Err(meta.error("unknown #[export] option; expected name = \"...\""))
+        }
+    });
+    parse_macro_input!(attr with parser);
+    let args = match plain_args(&f, "export") {
+        Ok(a) => a,
+        Err(e) => return e,
+    };
+    let ident = &f.sig.ident;
+    let exported = name.unwrap_or_else(|| ident.to_string());
+    let count = args.len();
+    let mut decode = Vec::new();
+    let mut pass = Vec::new();
+    for (i, (arg, ty)) in args.iter().enumerate() {
+        let tmp = format_ident!("__kw_arg_{}", arg);
+        // A borrowed argument is decoded as its owned form and lent.
+        let (owned, borrow) = match ty {
+            Type::Reference(r) => {
+                let inner = &*r.elem;
+                let owned = match inner {
+                    Type::Path(p) if p.path.is_ident("str") => quote!(::std::string::String),
+                    Type::Slice(s) => {
+                        let e = &s.elem;
+                        quote!(::std::vec::Vec<#e>)
+                    }
+                    other => other.to_token_stream(),
+                };
+                (owned, true)
+            }
+            other => (other.to_token_stream(), false),
+        };
+        decode.push(quote_spanned! {ty.span()=>
+            let #tmp: #owned = __kw_args.get(#i)?;
+        });
+        pass.push(if borrow { quote!(&#tmp) } else { quote!(#tmp) });
+    }
+    let call = if returns_result(&f.sig.output) {
+        quote!(#ident(#(#pass),*).map_err(|e| ::keepwarm_api::Error::new(e.to_string())))
+    } else {
+        quote!(::std::result::Result::<_, ::keepwarm_api::Error>::Ok(#ident(#(#pass),*)))
+    };
+    let shell: TokenStream2 = quote! {
+        const _: () = {
+            unsafe extern "C" fn __kw_shell(
+                args: ::keepwarm_api::abi::KwSlice,
+                out: *mut ::keepwarm_api::abi::KwOutput,
+            ) -> ::keepwarm_api::abi::KwStatus {
+                // SAFETY: the host passes arguments and an output valid for
+                // the duration of this call.
+                unsafe {
+                    ::keepwarm_api::__private::call_json(#exported, args, out, |__kw_args: &::keepwarm_api::Args| {
+                        __kw_args.expect_len(#count)?;
+                        #(#decode)*
+                        #call
+                    })
+                }
+            }
+            #[::keepwarm_api::__private::linkme::distributed_slice(::keepwarm_api::__private::EXPORTS)]
+            #[linkme(crate = ::keepwarm_api::__private::linkme)]
+            static __KW_EXPORT: ::keepwarm_api::abi::KwFunction = ::keepwarm_api::abi::KwFunction {
+                name: ::keepwarm_api::abi::KwSlice::from_str(#exported),
+                call: __kw_shell,
+            };
+        };
+    };
+    quote!(#f #shell).into()
+}
