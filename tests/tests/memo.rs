@@ -67,3 +67,83 @@ fn a_memoization_cycle_is_an_error_not_a_deadlock() {
     assert_eq!(host.call("ok", &["7"]), 7);
     assert_eq!(host.cli(&["call", "cycle", "1"]).status, Some(1));
 }
+
+/// The example plugin's source, copied, with `square`'s memo attribute made
+/// `#[memo(OPTIONS)]`.
+fn example_with_square_options(package: &str, options: &str) -> keepwarm_tests::Scratch {
+    let plugin = keepwarm_tests::Scratch::copy_of("example-plugin", package);
+    plugin.edit(|src| src.replace("#[memo(max_entries = 100_000)]", &format!("#[memo({options})]")));
+    plugin
+}
+
+#[test]
+fn changed_code_resets_only_that_cache_when_asked() {
+    let plugin = example_with_square_options("kw_memo_reset_on_change", "reset_on_change");
+    let host = HostProcess::start(&plugin.build(), &[]);
+    assert_eq!(host.call("square", &["10"]), 100);
+    assert_eq!(host.call("fib", &["20"]), 6765);
+
+    // A change elsewhere (VERSION) keeps square's cache.
+    plugin.edit(|src| src.replace(r#""v1""#, r#""v2""#));
+    plugin.build();
+    let line = host.wait_for("generation 2 reloaded");
+    assert!(!line.contains("reset because"), "{line}");
+    assert_eq!(host.stats()["square"]["entries"], 1);
+
+    // A change in square's own code resets square, and only square.
+    plugin.edit(|src| src.replace(r#"log!("Squaring {x}");"#, r#"log!("Squaring {x} again");"#));
+    plugin.build();
+    let line = host.wait_for("generation 3 reloaded");
+    assert!(line.contains("reset because their code changed: square"), "{line}");
+    let stats = host.stats();
+    assert_eq!(stats["square"]["entries"], 0);
+    assert_eq!(stats["fib"]["entries"], 21, "fib stays warm");
+    assert_eq!(host.call("square", &["10"]), 100);
+    host.wait_for("[gen 3] Squaring 10 again");
+}
+
+#[test]
+fn a_new_version_tag_resets_the_cache() {
+    let plugin = example_with_square_options("kw_memo_version", "version = 1");
+    let host = HostProcess::start(&plugin.build(), &[]);
+    assert_eq!(host.call("square", &["10"]), 100);
+    plugin.edit(|src| src.replace("#[memo(version = 1)]", "#[memo(version = 2)]"));
+    plugin.build();
+    let line = host.wait_for("generation 2 reloaded");
+    assert!(line.contains("reset because their code changed: square"), "{line}");
+    assert_eq!(host.call("square", &["10"]), 100);
+    assert_eq!(host.count("Squaring 10"), 2);
+}
+
+#[test]
+fn a_changed_return_type_is_a_miss_not_garbage() {
+    let plugin = keepwarm_tests::Scratch::copy_of("example-plugin", "kw_memo_return_type");
+    let host = HostProcess::start(&plugin.build(), &[]);
+    assert_eq!(host.call("square", &["10"]), 100);
+    // Same cache, same key, a different return type.
+    plugin.edit(|src| {
+        src.replace("pub fn square(x: u64) -> u64 {", "pub fn square(x: u64) -> String {")
+            .replace("    x * x\n}", "    format!(\"{} squared\", x * x)\n}")
+    });
+    plugin.build();
+    host.wait_for("generation 2 reloaded");
+    assert_eq!(host.call("square", &["10"]), "100 squared");
+    assert_eq!(host.count("Squaring 10"), 2, "recomputed, and the new value overwrote the old");
+    assert_eq!(host.call("square", &["10"]), "100 squared");
+    assert_eq!(host.count("Squaring 10"), 2);
+}
+
+#[test]
+fn export_reports_wrong_argument_count_and_type() {
+    let host = HostProcess::start(&built_library("example-plugin"), &[]);
+    let out = host.cli(&["call", "square"]);
+    assert_eq!(out.status, Some(1));
+    assert!(out.stderr.contains("square takes 1 argument, got 0"), "{out:?}");
+    let out = host.cli(&["call", "square", "1", "2"]);
+    assert!(out.stderr.contains("square takes 1 argument, got 2"), "{out:?}");
+    let out = host.cli(&["call", "square", "-3"]);
+    assert!(out.stderr.contains("square: argument 1 (-3): expected u64"), "{out:?}");
+    let out = host.cli(&["call", "count_primes", "99999999999999"]);
+    assert_eq!(out.status, Some(1));
+    assert!(out.stderr.contains("n must be at most 2^32"), "{out:?}");
+}
