@@ -7,11 +7,28 @@
 //! - [`host_cache_get`], [`host_cache_put`], [`host_cache_reset`] and
 //!   [`log!`] are safe wrappers around the table of host functions the plugin
 //!   receives at load.
-//! - [`cached`] memoizes a computation in a named host cache.
-//! - [`plugin!`] declares the plugin: its exported functions, its caches and
-//!   its hooks, and generates the entry symbol `keepwarm_plugin`.
+//! - [`memo`] and [`export`] turn ordinary functions into memoized and
+//!   callable ones; [`cached`] memoizes any computation in a named host cache.
+//! - [`plugin!`] declares the plugin (its functions, caches and hooks) and
+//!   generates the entry symbol `keepwarm_plugin`.
 //!
-//! A whole plugin (build it as a `cdylib`):
+//! A whole plugin (build it as a `cdylib`), with the attributes:
+//!
+//! ```
+//! use keepwarm_api::{export, log, memo};
+//!
+//! #[export]
+//! #[memo]
+//! fn square(x: u64) -> u64 {
+//!     log!("Squaring {x}");
+//!     x * x
+//! }
+//!
+//! keepwarm_api::plugin!(name: "doc-example");
+//! # assert_eq!(square(10), 100);
+//! ```
+//!
+//! The same without attributes, against [`Args`] and [`cached`]:
 //!
 //! ```
 //! use keepwarm_api::{cached, log, Args, Error};
@@ -51,7 +68,55 @@ pub use plugin::{cache, cached, ffi_boundary, panic_message, Args};
 /// [`abi::KwPlugin`] descriptor.
 pub const KW_ENTRY_SYMBOL: &str = "keepwarm_plugin";
 
-pub use keepwarm_macros::{export, memo};
+/// Memoizes a function in a host cache that survives every reload: the
+/// `@lru_cache` of keepwarm.
+///
+/// The cache is named after the function unless `name = "..."` says
+/// otherwise. Keys are the arguments and values the result, encoded with
+/// postcard (any serde types); misses compute in the calling thread, and
+/// concurrent misses on one key compute once (the others wait). A stored
+/// value that does not decode as the current return type is a miss and is
+/// overwritten.
+///
+/// Options: `name = "..."`, `max_entries = N`, `max_bytes = N` (keys plus
+/// values), `version = N` (a reload that brings another N resets the cache),
+/// `reset_on_change` (a reload that brings a change to the function's own
+/// tokens resets the cache; the reload line names it). Other caches stay warm.
+///
+/// ```
+/// #[keepwarm_api::memo(max_entries = 1000, reset_on_change)]
+/// fn fib(n: u64) -> u64 {
+///     if n < 2 { n } else { fib(n - 1) + fib(n - 2) }
+/// }
+/// assert_eq!(fib(20), 6765); // outside a host nothing is cached
+/// ```
+///
+/// It works on free functions with plain argument names; `self`, patterns,
+/// generics and `async` are compile errors that say so.
+#[doc(inline)]
+pub use keepwarm_macros::memo;
+
+/// Makes a function callable by `keepwarm call NAME ARG...`: the arguments
+/// are decoded from JSON into the parameter types (serde), the result
+/// encoded to JSON. A wrong argument count or type is an error that names
+/// the function, the argument and the expected type. A function returning
+/// `Result<T, E>` with `E: Display` reports its `Err` as the call's error.
+/// `name = "..."` exports it under another name. Borrowed parameters (`&str`,
+/// `&[T]`, `&T`) are decoded as their owned forms.
+///
+/// ```
+/// #[keepwarm_api::export]
+/// fn greet(name: &str, times: u32) -> Result<String, String> {
+///     if times == 0 {
+///         return Err("times must be at least 1".into());
+///     }
+///     Ok(format!("hello {name}").repeat(times as usize))
+/// }
+/// keepwarm_api::plugin!(name: "greeter");
+/// assert_eq!(greet("you", 1).unwrap(), "hello you");
+/// ```
+#[doc(inline)]
+pub use keepwarm_macros::export;
 
 #[doc(hidden)]
 pub mod __private {
