@@ -72,7 +72,12 @@ fn a_memoization_cycle_is_an_error_not_a_deadlock() {
 /// `#[memo(OPTIONS)]`.
 fn example_with_square_options(package: &str, options: &str) -> keepwarm_tests::Scratch {
     let plugin = keepwarm_tests::Scratch::copy_of("example-plugin", package);
-    plugin.edit(|src| src.replace("#[memo(max_entries = 100_000)]", &format!("#[memo({options})]")));
+    plugin.edit(|src| {
+        src.replace(
+            "#[memo(max_entries = 100_000)]",
+            &format!("#[memo({options})]"),
+        )
+    });
     plugin
 }
 
@@ -94,7 +99,10 @@ fn changed_code_resets_only_that_cache_when_asked() {
     plugin.edit(|src| src.replace(r#"log!("Squaring {x}");"#, r#"log!("Squaring {x} again");"#));
     plugin.build();
     let line = host.wait_for("generation 3 reloaded");
-    assert!(line.contains("reset because their code changed: square"), "{line}");
+    assert!(
+        line.contains("reset because their code changed: square"),
+        "{line}"
+    );
     let stats = host.stats();
     assert_eq!(stats["square"]["entries"], 0);
     assert_eq!(stats["fib"]["entries"], 21, "fib stays warm");
@@ -110,7 +118,10 @@ fn a_new_version_tag_resets_the_cache() {
     plugin.edit(|src| src.replace("#[memo(version = 1)]", "#[memo(version = 2)]"));
     plugin.build();
     let line = host.wait_for("generation 2 reloaded");
-    assert!(line.contains("reset because their code changed: square"), "{line}");
+    assert!(
+        line.contains("reset because their code changed: square"),
+        "{line}"
+    );
     assert_eq!(host.call("square", &["10"]), 100);
     assert_eq!(host.count("Squaring 10"), 2);
 }
@@ -122,13 +133,20 @@ fn a_changed_return_type_is_a_miss_not_garbage() {
     assert_eq!(host.call("square", &["10"]), 100);
     // Same cache, same key, a different return type.
     plugin.edit(|src| {
-        src.replace("pub fn square(x: u64) -> u64 {", "pub fn square(x: u64) -> String {")
-            .replace("    x * x\n}", "    format!(\"{} squared\", x * x)\n}")
+        src.replace(
+            "pub fn square(x: u64) -> u64 {",
+            "pub fn square(x: u64) -> String {",
+        )
+        .replace("    x * x\n}", "    format!(\"{} squared\", x * x)\n}")
     });
     plugin.build();
     host.wait_for("generation 2 reloaded");
     assert_eq!(host.call("square", &["10"]), "100 squared");
-    assert_eq!(host.count("Squaring 10"), 2, "recomputed, and the new value overwrote the old");
+    assert_eq!(
+        host.count("Squaring 10"),
+        2,
+        "recomputed, and the new value overwrote the old"
+    );
     assert_eq!(host.call("square", &["10"]), "100 squared");
     assert_eq!(host.count("Squaring 10"), 2);
 }
@@ -138,12 +156,39 @@ fn export_reports_wrong_argument_count_and_type() {
     let host = HostProcess::start(&built_library("example-plugin"), &[]);
     let out = host.cli(&["call", "square"]);
     assert_eq!(out.status, Some(1));
-    assert!(out.stderr.contains("square takes 1 argument, got 0"), "{out:?}");
+    assert!(
+        out.stderr.contains("square takes 1 argument, got 0"),
+        "{out:?}"
+    );
     let out = host.cli(&["call", "square", "1", "2"]);
-    assert!(out.stderr.contains("square takes 1 argument, got 2"), "{out:?}");
+    assert!(
+        out.stderr.contains("square takes 1 argument, got 2"),
+        "{out:?}"
+    );
     let out = host.cli(&["call", "square", "-3"]);
-    assert!(out.stderr.contains("square: argument 1 (-3): expected u64"), "{out:?}");
+    assert!(
+        out.stderr.contains("square: argument 1 (-3): expected u64"),
+        "{out:?}"
+    );
     let out = host.cli(&["call", "count_primes", "99999999999999"]);
     assert_eq!(out.status, Some(1));
     assert!(out.stderr.contains("n must be at most 2^32"), "{out:?}");
+}
+
+#[test]
+fn raw_abi_plugin_caches_by_hand() {
+    let host = HostProcess::start(&built_library("raw-abi-plugin"), &[]);
+    assert_eq!(host.call("version", &[]), "raw-abi");
+    assert_eq!(host.call("square", &["12"]), 144);
+    assert_eq!(host.call("square", &["12"]), 144);
+    assert_eq!(host.count("raw: squaring 12"), 1);
+    let raw = &host.stats()["raw_square"];
+    assert_eq!(
+        (
+            raw["hits"].as_u64(),
+            raw["bytes"].as_u64(),
+            raw["max_bytes"].as_u64()
+        ),
+        (Some(1), Some(16), Some(16_000))
+    );
 }
