@@ -82,7 +82,7 @@ pub fn fixture_packages() -> Vec<String> {
     names
 }
 
-/// Builds the host, the example plugin and every fixture, once per process.
+/// Builds the host, the example plugins and every fixture, once per process.
 pub fn build_all() {
     static BUILT: OnceLock<()> = OnceLock::new();
     BUILT.get_or_init(|| {
@@ -94,6 +94,8 @@ pub fn build_all() {
             "keepwarm",
             "-p",
             "example-plugin",
+            "-p",
+            "raw-abi-plugin",
         ]);
         for name in fixture_packages() {
             cmd.args(["-p", &name]);
