@@ -30,9 +30,9 @@ watch:
 		exit 1; \
 	fi
 
-## bench: criterion benchmarks
+## bench: criterion benchmarks (cache cost, memoized fib, reload latency); see BENCHMARKS.md
 bench:
-	$(CARGO) bench -p keepwarm
+	$(CARGO) bench -p keepwarm-tests
 
 ## header: regenerate plugin-api/include/keepwarm.h from plugin-api/src/abi.rs
 header:

@@ -108,6 +108,20 @@ pub fn build_all() {
     });
 }
 
+/// Builds `package` with `--release` (for benchmarks: an unoptimized plugin
+/// would measure debug code) and returns its library.
+pub fn built_release_library(package: &str) -> PathBuf {
+    let status = cargo()
+        .current_dir(root())
+        .args(["build", "--quiet", "--release", "-p", package])
+        .status()
+        .expect("running cargo build --release");
+    assert!(status.success(), "cargo build --release -p {package} failed");
+    target_dir()
+        .join("release")
+        .join(format!("lib{}.so", package.replace('-', "_")))
+}
+
 /// The `keepwarm` binary (built by [`build_all`]).
 pub fn keepwarm_bin() -> PathBuf {
     build_all();

@@ -1,0 +1,208 @@
+//! The cost of a host-owned cache against the in-process floor (issue 7),
+//! and memoized fib(90) cold and warm (issue 5). `make bench` runs it; the
+//! figures in BENCHMARKS.md come from it.
+//!
+//! Every measurement of the host goes through a real plugin (`bench_plugin`
+//! or the example plugin) loaded by the real loader: the plugin loops over
+//! `host_cache_get`/`host_cache_put` itself, and one JSON call covers many
+//! iterations (criterion's `iter_custom`), so the per-iteration figure is the
+//! ABI call, not the JSON around it.
+//!
+//! The floor does the same work in-process: lock a
+//! `parking_lot::Mutex<lru::LruCache<Box<[u8]>, Arc<[u8]>>>`, look the key
+//! up (moving it to the front), clone the value's `Arc`, unlock, read the
+//! value, drop the `Arc` — what a host hit does, minus the ABI and the lookup
+//! of the cache by name.
+
+use std::hint::black_box;
+use std::num::NonZeroUsize;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
+use keepwarm::cache::Bounds;
+use keepwarm::{Config, Host};
+use keepwarm_tests::built_release_library;
+use lru::LruCache;
+use parking_lot::Mutex;
+use serde_json::{json, Value};
+
+const SIZES: [(&str, usize, usize); 2] = [("k8_v8", 8, 8), ("k64_v1024", 64, 1024)];
+const EVICT_CAPACITY: usize = 1_000;
+
+fn start_host(library: &str) -> Arc<Host> {
+    let mut config = Config::new(built_release_library(library));
+    config.printer = Arc::new(|_| {});
+    for (name, _, _) in SIZES {
+        config.cache_bounds.insert(
+            format!("evict_{name}"),
+            Bounds {
+                max_entries: NonZeroUsize::new(EVICT_CAPACITY).unwrap(),
+                max_bytes: None,
+            },
+        );
+    }
+    let host = Host::new(config).unwrap();
+    host.reload(false).unwrap();
+    host
+}
+
+fn call(host: &Host, f: &str, args: Value) -> Value {
+    host.call(f, args.as_array().unwrap()).unwrap()
+}
+
+fn key(len: usize, i: u64) -> Vec<u8> {
+    let mut k = vec![0x5a; len.max(8)];
+    k[..8].copy_from_slice(&i.to_le_bytes());
+    k.truncate(len);
+    k
+}
+
+fn floor(len: usize, value: usize, capacity: Option<usize>) -> Mutex<LruCache<Box<[u8]>, Arc<[u8]>>> {
+    let mut lru = match capacity {
+        Some(c) => LruCache::new(NonZeroUsize::new(c).unwrap()),
+        None => LruCache::unbounded(),
+    };
+    lru.put(key(len, 0).into(), Arc::from(vec![7u8; value]));
+    Mutex::new(lru)
+}
+
+/// Runs `f(iters)` on `threads` threads at once; returns the wall time.
+fn on_threads(threads: usize, iters: u64, f: impl Fn(usize, u64) + Sync) -> Duration {
+    let start = Instant::now();
+    std::thread::scope(|s| {
+        for t in 0..threads {
+            let f = &f;
+            s.spawn(move || f(t, iters));
+        }
+    });
+    start.elapsed()
+}
+
+fn hits(c: &mut Criterion) {
+    let host = start_host("bench_plugin");
+    let mut g = c.benchmark_group("hit");
+    for (name, klen, vlen) in SIZES {
+        let cache = format!("hit_{name}");
+        assert_eq!(call(&host, "prepare", json!([cache, klen, vlen])), true);
+        let floor = floor(klen, vlen, None);
+        let k = key(klen, 0);
+        g.bench_with_input(BenchmarkId::new("a_floor_mutex_lru", name), &k, |b, k| {
+            b.iter(|| {
+                let v = floor.lock().get(black_box(&k[..])).cloned().unwrap();
+                black_box(v.len() as u64 + u64::from(v[0]))
+            })
+        });
+        g.bench_function(BenchmarkId::new("b_host_cache_get", name), |b| {
+            b.iter_custom(|iters| {
+                let start = Instant::now();
+                call(&host, "get_loop", json!([cache, klen, iters]));
+                start.elapsed()
+            })
+        });
+        for threads in [1usize, 2] {
+            g.bench_function(BenchmarkId::new(format!("e_{threads}_threads_one_cache"), name), |b| {
+                b.iter_custom(|iters| {
+                    on_threads(threads, iters, |_, n| {
+                        call(&host, "get_loop", json!([cache, klen, n]));
+                    })
+                })
+            });
+        }
+        let other = format!("hit2_{name}");
+        assert_eq!(call(&host, "prepare", json!([other, klen, vlen])), true);
+        g.bench_function(BenchmarkId::new("e_2_threads_two_caches", name), |b| {
+            b.iter_custom(|iters| {
+                on_threads(2, iters, |t, n| {
+                    let c = if t == 0 { &cache } else { &other };
+                    call(&host, "get_loop", json!([c, klen, n]));
+                })
+            })
+        });
+        g.bench_function(BenchmarkId::new("e_2_threads_floor_one_lock", name), |b| {
+            b.iter_custom(|iters| {
+                on_threads(2, iters, |_, n| {
+                    for _ in 0..n {
+                        let v = floor.lock().get(black_box(&k[..])).cloned().unwrap();
+                        black_box(v.len() as u64 + u64::from(v[0]));
+                    }
+                })
+            })
+        });
+    }
+    g.finish();
+}
+
+fn memo(c: &mut Criterion) {
+    let host = start_host("bench_plugin");
+    let mut g = c.benchmark_group("memo");
+    call(&host, "memo_square", json!([12]));
+    g.bench_function("c_warm_memo_call_inside_plugin", |b| {
+        b.iter_custom(|iters| {
+            let start = Instant::now();
+            call(&host, "memo_loop", json!([iters]));
+            start.elapsed()
+        })
+    });
+    g.bench_function("c_warm_memo_call_json_from_host", |b| {
+        let args = [json!(12)];
+        b.iter(|| host.call("memo_square", black_box(&args)).unwrap())
+    });
+    g.finish();
+
+    let example = start_host("example-plugin");
+    let mut g = c.benchmark_group("fib90");
+    g.bench_function("cold", |b| {
+        let args = [json!(90)];
+        b.iter(|| {
+            example.reset("fib");
+            example.call("fib", black_box(&args)).unwrap()
+        })
+    });
+    g.bench_function("warm", |b| {
+        let args = [json!(90)];
+        example.call("fib", &args).unwrap();
+        b.iter(|| example.call("fib", black_box(&args)).unwrap())
+    });
+    g.finish();
+}
+
+fn evicting_puts(c: &mut Criterion) {
+    let host = start_host("bench_plugin");
+    let mut g = c.benchmark_group("put_evicting");
+    for (name, klen, vlen) in SIZES {
+        let cache = format!("evict_{name}");
+        call(&host, "put_loop", json!([cache, klen, vlen, 0, EVICT_CAPACITY]));
+        let mut next = EVICT_CAPACITY as u64;
+        g.bench_function(BenchmarkId::new("d_host_cache_put", name), |b| {
+            b.iter_custom(|iters| {
+                let start = Instant::now();
+                call(&host, "put_loop", json!([cache, klen, vlen, next, iters]));
+                next += iters;
+                start.elapsed()
+            })
+        });
+        let floor = floor(klen, vlen, Some(EVICT_CAPACITY));
+        for i in 1..EVICT_CAPACITY as u64 {
+            floor.lock().put(key(klen, i).into(), Arc::from(vec![9u8; vlen]));
+        }
+        let mut i = EVICT_CAPACITY as u64;
+        let value = vec![9u8; vlen];
+        g.bench_function(BenchmarkId::new("d_floor_put", name), |b| {
+            b.iter(|| {
+                // Same copies as the host: the key into a Box, the value into an Arc.
+                let evicted = floor.lock().push(key(klen, i).into(), Arc::from(&value[..]));
+                i += 1;
+                black_box(evicted)
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(2)).sample_size(30);
+    targets = hits, memo, evicting_puts
+}
+criterion_main!(benches);
