@@ -400,7 +400,9 @@ fn done_waiting(me: ThreadId) {
 /// never removed (a reset empties them), so a reload never loses one.
 #[derive(Default)]
 pub struct Store {
-    caches: RwLock<HashMap<String, Arc<Cache>>>,
+    // foldhash, not SipHash: every host_cache_get hashes the cache's name,
+    // and names come from plugins the user trusts (no HashDoS concern).
+    caches: RwLock<HashMap<String, Arc<Cache>, foldhash::fast::RandomState>>,
     /// Bounds set by the user (`--cache`); they win over a plugin's declaration.
     overrides: HashMap<String, Bounds>,
 }
