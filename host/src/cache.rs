@@ -402,7 +402,9 @@ fn done_waiting(me: ThreadId) {
 pub struct Store {
     // foldhash, not SipHash: every host_cache_get hashes the cache's name,
     // and names come from plugins the user trusts (no HashDoS concern).
-    caches: RwLock<HashMap<String, Arc<Cache>, foldhash::fast::RandomState>>,
+    // Keyed by the name's bytes: the hot path looks names up without
+    // validating UTF-8 (the check happens once, when a cache is created).
+    caches: RwLock<HashMap<Box<[u8]>, Arc<Cache>, foldhash::fast::RandomState>>,
     /// Bounds set by the user (`--cache`); they win over a plugin's declaration.
     overrides: HashMap<String, Bounds>,
 }
@@ -418,34 +420,37 @@ impl Store {
 
     /// The cache named `name`, if it exists.
     pub fn get(&self, name: &str) -> Option<Arc<Cache>> {
-        self.caches.read().get(name).cloned()
+        self.caches.read().get(name.as_bytes()).cloned()
     }
 
     /// The cache named `name`, created with the default (or overridden)
     /// bounds if it does not exist yet.
     pub fn cache(&self, name: &str) -> Arc<Cache> {
-        if let Some(c) = self.caches.read().get(name) {
+        if let Some(c) = self.caches.read().get(name.as_bytes()) {
             return Arc::clone(c);
         }
         let mut caches = self.caches.write();
         let bounds = self.overrides.get(name).copied().unwrap_or_default();
         Arc::clone(
             caches
-                .entry(name.to_owned())
+                .entry(Box::from(name.as_bytes()))
                 .or_insert_with(|| Arc::new(Cache::new(name, bounds))),
         )
     }
 
-    /// Runs `f` on the named cache (created on first use) without cloning
-    /// the `Arc`: the hot path of `cache_get` and `cache_put`.
-    pub fn with_cache<R>(&self, name: &str, f: impl FnOnce(&Cache) -> R) -> R {
+    /// Runs `f` on the cache whose name is the bytes `name` (created on first
+    /// use) without cloning the `Arc`: the hot path of `cache_get` and
+    /// `cache_put`. `None` when the cache does not exist and `name` is not
+    /// UTF-8.
+    pub fn with_cache<R>(&self, name: &[u8], f: impl FnOnce(&Cache) -> R) -> Option<R> {
         {
             let caches = self.caches.read();
             if let Some(c) = caches.get(name) {
-                return f(c);
+                return Some(f(c));
             }
         }
-        f(&self.cache(name))
+        let name = std::str::from_utf8(name).ok()?;
+        Some(f(&self.cache(name)))
     }
 
     /// Applies a plugin's declaration: bounds (unless the user overrode

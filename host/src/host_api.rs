@@ -94,23 +94,24 @@ unsafe extern "C" fn cache_get(
     keepwarm_api::ffi_boundary(None, || {
         // SAFETY: the plugin passes the ctx of its table, and slices valid
         // for this call (ABI contract); NULLs are caught here.
-        let (Some(ctx), Some(cache), Some(key)) =
-            (unsafe { context(ctx) }, unsafe { name(cache) }, unsafe {
-                key.as_bytes()
-            })
-        else {
+        let (Some(ctx), Some(cache), Some(key)) = (
+            unsafe { context(ctx) },
+            unsafe { cache.as_bytes() },
+            unsafe { key.as_bytes() },
+        ) else {
             return abi::KW_INVALID_ARGUMENT;
         };
         if out.is_null() {
             return abi::KW_INVALID_ARGUMENT;
         }
         match ctx.store.with_cache(cache, |c| c.get(key)) {
-            Some(value) => {
+            Some(Some(value)) => {
                 // SAFETY: `out` is non-NULL and points to the plugin's KwValue.
                 unsafe { lend(value, out) };
                 abi::KW_OK
             }
-            None => abi::KW_MISS,
+            Some(None) => abi::KW_MISS,
+            None => abi::KW_INVALID_ARGUMENT,
         }
     })
 }
@@ -207,15 +208,16 @@ unsafe extern "C" fn cache_put(
         // SAFETY: as in cache_get.
         let (Some(ctx), Some(cache), Some(key), Some(value)) = (
             unsafe { context(ctx) },
-            unsafe { name(cache) },
+            unsafe { cache.as_bytes() },
             unsafe { key.as_bytes() },
             unsafe { value.as_bytes() },
         ) else {
             return abi::KW_INVALID_ARGUMENT;
         };
         match ctx.store.with_cache(cache, |c| c.put(key, value)) {
-            Ok(()) => abi::KW_OK,
-            Err(PutError::TooLarge) => abi::KW_TOO_LARGE,
+            Some(Ok(())) => abi::KW_OK,
+            Some(Err(PutError::TooLarge)) => abi::KW_TOO_LARGE,
+            None => abi::KW_INVALID_ARGUMENT,
         }
     })
 }

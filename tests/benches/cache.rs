@@ -58,7 +58,11 @@ fn key(len: usize, i: u64) -> Vec<u8> {
     k
 }
 
-fn floor(len: usize, value: usize, capacity: Option<usize>) -> Mutex<LruCache<Box<[u8]>, Arc<[u8]>>> {
+fn floor(
+    len: usize,
+    value: usize,
+    capacity: Option<usize>,
+) -> Mutex<LruCache<Box<[u8]>, Arc<[u8]>>> {
     let mut lru = match capacity {
         Some(c) => LruCache::new(NonZeroUsize::new(c).unwrap()),
         None => LruCache::unbounded(),
@@ -101,13 +105,16 @@ fn hits(c: &mut Criterion) {
             })
         });
         for threads in [1usize, 2] {
-            g.bench_function(BenchmarkId::new(format!("e_{threads}_threads_one_cache"), name), |b| {
-                b.iter_custom(|iters| {
-                    on_threads(threads, iters, |_, n| {
-                        call(&host, "get_loop", json!([cache, klen, n]));
+            g.bench_function(
+                BenchmarkId::new(format!("e_{threads}_threads_one_cache"), name),
+                |b| {
+                    b.iter_custom(|iters| {
+                        on_threads(threads, iters, |_, n| {
+                            call(&host, "get_loop", json!([cache, klen, n]));
+                        })
                     })
-                })
-            });
+                },
+            );
         }
         let other = format!("hit2_{name}");
         assert_eq!(call(&host, "prepare", json!([other, klen, vlen])), true);
@@ -172,7 +179,11 @@ fn evicting_puts(c: &mut Criterion) {
     let mut g = c.benchmark_group("put_evicting");
     for (name, klen, vlen) in SIZES {
         let cache = format!("evict_{name}");
-        call(&host, "put_loop", json!([cache, klen, vlen, 0, EVICT_CAPACITY]));
+        call(
+            &host,
+            "put_loop",
+            json!([cache, klen, vlen, 0, EVICT_CAPACITY]),
+        );
         let mut next = EVICT_CAPACITY as u64;
         g.bench_function(BenchmarkId::new("d_host_cache_put", name), |b| {
             b.iter_custom(|iters| {
@@ -184,14 +195,18 @@ fn evicting_puts(c: &mut Criterion) {
         });
         let floor = floor(klen, vlen, Some(EVICT_CAPACITY));
         for i in 1..EVICT_CAPACITY as u64 {
-            floor.lock().put(key(klen, i).into(), Arc::from(vec![9u8; vlen]));
+            floor
+                .lock()
+                .put(key(klen, i).into(), Arc::from(vec![9u8; vlen]));
         }
         let mut i = EVICT_CAPACITY as u64;
         let value = vec![9u8; vlen];
         g.bench_function(BenchmarkId::new("d_floor_put", name), |b| {
             b.iter(|| {
                 // Same copies as the host: the key into a Box, the value into an Arc.
-                let evicted = floor.lock().push(key(klen, i).into(), Arc::from(&value[..]));
+                let evicted = floor
+                    .lock()
+                    .push(key(klen, i).into(), Arc::from(&value[..]));
                 i += 1;
                 black_box(evicted)
             })

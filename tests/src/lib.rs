@@ -116,7 +116,10 @@ pub fn built_release_library(package: &str) -> PathBuf {
         .args(["build", "--quiet", "--release", "-p", package])
         .status()
         .expect("running cargo build --release");
-    assert!(status.success(), "cargo build --release -p {package} failed");
+    assert!(
+        status.success(),
+        "cargo build --release -p {package} failed"
+    );
     target_dir()
         .join("release")
         .join(format!("lib{}.so", package.replace('-', "_")))
