@@ -10,8 +10,9 @@ use std::num::NonZeroUsize;
 use std::sync::Arc;
 use std::thread::ThreadId;
 
+use arc_swap::ArcSwap;
 use lru::LruCache;
-use parking_lot::{Condvar, Mutex, RwLock};
+use parking_lot::{Condvar, Mutex};
 use serde::Serialize;
 
 /// Entry bound of a cache that nobody declared or configured.
@@ -396,15 +397,23 @@ fn done_waiting(me: ThreadId) {
     }
 }
 
+type CacheMap = HashMap<Box<[u8]>, Arc<Cache>, foldhash::fast::RandomState>;
+
 /// All the caches of one host, by name. Caches are created on first use and
 /// never removed (a reset empties them), so a reload never loses one.
 #[derive(Default)]
 pub struct Store {
     // foldhash, not SipHash: every host_cache_get hashes the cache's name,
     // and names come from plugins the user trusts (no HashDoS concern).
+    // Read on every host_cache_get, written only when a cache is created:
+    // an ArcSwap snapshot lets readers on several cores look names up
+    // without writing to a shared cache line (a RwLock's reader count
+    // bounced between the two cores and cost 2x on two threads).
     // Keyed by the name's bytes: the hot path looks names up without
     // validating UTF-8 (the check happens once, when a cache is created).
-    caches: RwLock<HashMap<Box<[u8]>, Arc<Cache>, foldhash::fast::RandomState>>,
+    caches: ArcSwap<CacheMap>,
+    /// Serializes the creation of caches (copy, insert, swap).
+    creating: Mutex<()>,
     /// Bounds set by the user (`--cache`); they win over a plugin's declaration.
     overrides: HashMap<String, Bounds>,
 }
@@ -413,29 +422,34 @@ impl Store {
     /// A store whose caches named in `overrides` get those bounds.
     pub fn with_overrides(overrides: HashMap<String, Bounds>) -> Store {
         Store {
-            caches: RwLock::default(),
+            caches: ArcSwap::default(),
+            creating: Mutex::new(()),
             overrides,
         }
     }
 
     /// The cache named `name`, if it exists.
     pub fn get(&self, name: &str) -> Option<Arc<Cache>> {
-        self.caches.read().get(name.as_bytes()).cloned()
+        self.caches.load().get(name.as_bytes()).cloned()
     }
 
     /// The cache named `name`, created with the default (or overridden)
     /// bounds if it does not exist yet.
     pub fn cache(&self, name: &str) -> Arc<Cache> {
-        if let Some(c) = self.caches.read().get(name.as_bytes()) {
+        if let Some(c) = self.caches.load().get(name.as_bytes()) {
             return Arc::clone(c);
         }
-        let mut caches = self.caches.write();
+        let _creating = self.creating.lock();
+        let current = self.caches.load_full();
+        if let Some(c) = current.get(name.as_bytes()) {
+            return Arc::clone(c); // created meanwhile
+        }
         let bounds = self.overrides.get(name).copied().unwrap_or_default();
-        Arc::clone(
-            caches
-                .entry(Box::from(name.as_bytes()))
-                .or_insert_with(|| Arc::new(Cache::new(name, bounds))),
-        )
+        let cache = Arc::new(Cache::new(name, bounds));
+        let mut next = CacheMap::clone(&current);
+        next.insert(Box::from(name.as_bytes()), Arc::clone(&cache));
+        self.caches.store(Arc::new(next));
+        cache
     }
 
     /// Runs `f` on the cache whose name is the bytes `name` (created on first
@@ -444,7 +458,7 @@ impl Store {
     /// UTF-8.
     pub fn with_cache<R>(&self, name: &[u8], f: impl FnOnce(&Cache) -> R) -> Option<R> {
         {
-            let caches = self.caches.read();
+            let caches = self.caches.load();
             if let Some(c) = caches.get(name) {
                 return Some(f(c));
             }
@@ -485,7 +499,7 @@ impl Store {
 
     /// Every cache, sorted by name.
     pub fn all(&self) -> Vec<Arc<Cache>> {
-        let mut v: Vec<_> = self.caches.read().values().cloned().collect();
+        let mut v: Vec<_> = self.caches.load().values().cloned().collect();
         v.sort_by(|a, b| a.name.cmp(&b.name));
         v
     }
