@@ -58,11 +58,10 @@ fn key(len: usize, i: u64) -> Vec<u8> {
     k
 }
 
-fn floor(
-    len: usize,
-    value: usize,
-    capacity: Option<usize>,
-) -> Mutex<LruCache<Box<[u8]>, Arc<[u8]>>> {
+/// The in-process floor: what a plugin would keep if it cached in its own memory.
+type Floor = Mutex<LruCache<Box<[u8]>, Arc<[u8]>>>;
+
+fn floor(len: usize, value: usize, capacity: Option<usize>) -> Floor {
     let mut lru = match capacity {
         Some(c) => LruCache::new(NonZeroUsize::new(c).unwrap()),
         None => LruCache::unbounded(),
