@@ -92,6 +92,8 @@ pub enum ErrorCode {
     NotLoaded,
     /// The reload failed; the previous generation keeps serving.
     ReloadFailed,
+    /// Too many connections at once; retry.
+    Busy,
 }
 
 /// An error response's body.

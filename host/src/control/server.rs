@@ -5,6 +5,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,6 +18,10 @@ use crate::host::Host;
 /// level passes through the host and back) needs more than the default 2 MiB.
 /// Only touched pages cost memory.
 pub const CALL_STACK_BYTES: usize = 64 << 20;
+
+/// Connections served at once; one more gets an error response and is
+/// closed, so a flood of clients cannot exhaust the host's threads.
+pub const MAX_CONNECTIONS: usize = 512;
 
 /// How long a connection may stay silent before the host closes it.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -67,13 +72,34 @@ impl Server {
         std::thread::Builder::new()
             .name("keepwarm-control".into())
             .spawn(move || {
+                let open = Arc::new(AtomicUsize::new(0));
                 for stream in listener.incoming() {
-                    let Ok(stream) = stream else { continue };
+                    let Ok(mut stream) = stream else { continue };
+                    if open.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
+                        open.fetch_sub(1, Ordering::SeqCst);
+                        let _ = stream.set_write_timeout(Some(Duration::from_millis(100)));
+                        let _ = write_response(
+                            &mut stream,
+                            &Response::err(
+                                ErrorCode::Busy,
+                                format!("the host already serves {MAX_CONNECTIONS} connections; retry shortly"),
+                            ),
+                        );
+                        continue;
+                    }
                     let host = Arc::clone(&host);
-                    let _ = std::thread::Builder::new()
+                    let count = Arc::clone(&open);
+                    let spawned = std::thread::Builder::new()
                         .name("keepwarm-conn".into())
                         .stack_size(CALL_STACK_BYTES)
-                        .spawn(move || serve(&host, stream));
+                        .spawn(move || {
+                            serve(&host, stream);
+                            count.fetch_sub(1, Ordering::SeqCst);
+                        });
+                    if spawned.is_err() {
+                        // No thread for it: the stream was dropped (closed).
+                        open.fetch_sub(1, Ordering::SeqCst);
+                    }
                 }
             })?;
         Ok(ServerGuard {
