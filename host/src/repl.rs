@@ -80,8 +80,9 @@ impl Completer for Completion {
             .into_iter()
             .filter(|c| c.starts_with(word))
             .map(|c| Pair {
-                display: c.clone(),
-                replacement: c,
+                // The trailing space lets the user type the next word at once.
+                replacement: format!("{c} "),
+                display: c,
             })
             .collect();
         Ok((start, pairs))

@@ -1,0 +1,98 @@
+//! The prompt of `keepwarm run`, driven through a real pseudo-terminal
+//! (python3's `pty` module): commands, Tab completion of commands and
+//! function names, help, and quit.
+
+use std::process::Command;
+
+use keepwarm_tests::{built_library, keepwarm_bin};
+
+const DRIVER: &str = r#"
+import os, pty, select, sys, time
+binary, lib, sock = sys.argv[1:4]
+pid, fd = pty.fork()
+if pid == 0:
+    os.execv(binary, [binary, "run", lib, "--socket", sock])
+out = b""
+def read_until(marker):
+    global out
+    end = time.time() + 60
+    while marker not in out:
+        r, _, _ = select.select([fd], [], [], 0.2)
+        if r:
+            try:
+                out += os.read(fd, 65536)
+            except OSError:
+                break
+        if time.time() > end:
+            sys.stdout.write(out.decode(errors="replace"))
+            raise SystemExit("timeout waiting for %r" % marker)
+def command(keys, marker):
+    global out
+    out_before = len(out)
+    os.write(fd, keys)
+    read_until(marker)
+read_until(b"keepwarm> ")
+command(b"call square 10\r", b"Squaring 10")
+read_until(b"100")
+command(b"call fi\t", b"call fib")          # completes the function name
+command(b"20\r", b"6765")
+command(b"rel\t\r", b"generation 2")           # completes the command: reload
+command(b"help\r", b"Call an exported plugin function")
+command(b"stats\r", b"evictions")
+command(b"quit\r", b"")
+os.waitpid(pid, 0)
+try:
+    while True:
+        r, _, _ = select.select([fd], [], [], 0.2)
+        if not r:
+            break
+        out += os.read(fd, 65536)
+except OSError:
+    pass
+sys.stdout.write(out.decode(errors="replace"))
+"#;
+
+#[test]
+fn the_prompt_runs_commands_completes_names_and_quits() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(DRIVER)
+        .arg(keepwarm_bin())
+        .arg(built_library("example-plugin"))
+        .arg(dir.path().join("prompt.sock"))
+        .env("XDG_RUNTIME_DIR", dir.path())
+        .env("XDG_STATE_HOME", dir.path())
+        .env("TERM", "xterm")
+        .output()
+        .expect("python3");
+    let screen = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}\n{screen}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for expected in [
+        "generation 1 loaded",
+        "[gen 1] Squaring 10",
+        "keepwarm> call fib ",
+        "6765",
+        "keepwarm> reload ",
+        "generation 2 reloaded",
+        "Call an exported plugin function",
+        "square",
+    ] {
+        assert!(
+            screen.contains(expected),
+            "missing {expected:?} in:\n{screen}"
+        );
+    }
+    assert!(
+        !dir.path().join("prompt.sock").exists(),
+        "quit removes the socket"
+    );
+    assert!(
+        dir.path().join("keepwarm/history").exists(),
+        "history is saved"
+    );
+}
