@@ -42,9 +42,31 @@ pub enum Command {
         after_help = "Example:\n  keepwarm run target/debug/libexample_plugin.so --cache square=1000:1048576"
     )]
     Run(RunArgs),
+    /// Build the plugin crate, serve it, and rebuild it on every source change
+    #[command(
+        after_help = "Example (in the plugin crate's directory, or a workspace with -p):\n  keepwarm dev -p example-plugin"
+    )]
+    Dev(DevArgs),
     /// Commands for a running host.
     #[command(flatten)]
     Control(ControlCommand),
+}
+
+/// Arguments of `keepwarm dev`.
+#[derive(Debug, Args)]
+pub struct DevArgs {
+    /// The plugin package to build (default: the package in this directory)
+    #[arg(short = 'p', long = "package", value_name = "PACKAGE")]
+    pub package: Option<String>,
+    /// Build with --release
+    #[arg(long)]
+    pub release: bool,
+    /// Do not read commands from the terminal
+    #[arg(long)]
+    pub no_repl: bool,
+    /// Bound a cache, as for `run`
+    #[arg(long = "cache", value_name = "NAME=ENTRIES[:BYTES]", value_parser = parse_cache_bound)]
+    pub caches: Vec<(String, Bounds)>,
 }
 
 /// Arguments of `keepwarm run`.

@@ -16,6 +16,8 @@
 //! | [`watcher`] | file events to reloads |
 //! | [`control`] | the control socket, its protocol and commands |
 //! | [`repl`] | the prompt of `keepwarm run` |
+//! | [`serve`] | what `run` and `dev` share: socket, watcher, prompt |
+//! | [`dev`] | `keepwarm dev`: build, serve, rebuild on source changes |
 //!
 //! Embedding the host (the plugin path is whatever your build produced):
 //!
@@ -41,12 +43,14 @@
 pub mod cache;
 pub mod cli;
 pub mod control;
+pub mod dev;
 pub mod generation;
 pub mod host;
 pub mod host_api;
 pub mod loader;
 pub mod paths;
 pub mod repl;
+pub mod serve;
 pub mod watcher;
 
 pub use generation::CallError;

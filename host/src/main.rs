@@ -1,29 +1,32 @@
 //! The `keepwarm` binary: argument parsing and wiring; the behaviour lives in
 //! the `keepwarm` library.
 
-use std::io::IsTerminal;
-use std::sync::Arc;
-
-use anyhow::Context;
-use clap::Parser;
-use keepwarm::cli::{Cli, Command, ControlCommand, RunArgs, EXIT_NO_HOST, EXIT_USAGE};
+use keepwarm::cli::{Cli, Command, ControlCommand, DevArgs, RunArgs, EXIT_NO_HOST, EXIT_USAGE};
 use keepwarm::control::client::{self, ClientError};
-use keepwarm::control::server::Server;
-use keepwarm::{paths, watcher, Config, Host};
+use keepwarm::dev::{self, BuildSpec};
+use keepwarm::serve::Serve;
+use keepwarm::Config;
+
+use clap::Parser;
 
 fn main() {
     let cli = Cli::parse();
     let status = match cli.command {
-        Command::Run(args) => match run(args, cli.socket) {
-            Ok(()) => 0,
-            Err(e) => {
-                eprintln!("keepwarm: {e:#}");
-                1
-            }
-        },
+        Command::Run(args) => exit_status(run(args, cli.socket)),
+        Command::Dev(args) => exit_status(dev(args, cli.socket)),
         Command::Control(command) => control(&command, cli.socket),
     };
     std::process::exit(status);
+}
+
+fn exit_status(result: anyhow::Result<()>) -> i32 {
+    match result {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("keepwarm: {e:#}");
+            1
+        }
+    }
 }
 
 fn control(command: &ControlCommand, socket: Option<std::path::PathBuf>) -> i32 {
@@ -57,38 +60,37 @@ fn client_error(e: &ClientError) -> i32 {
 fn run(args: RunArgs, socket: Option<std::path::PathBuf>) -> anyhow::Result<()> {
     let mut config = Config::new(&args.library);
     config.cache_bounds = args.caches.into_iter().collect();
-    let socket = match socket {
-        Some(s) => s,
-        None => paths::default_socket(&args.library)?,
+    Serve {
+        config,
+        socket,
+        no_repl: args.no_repl,
+    }
+    .run(|_| Ok(()))
+}
+
+fn dev(args: DevArgs, socket: Option<std::path::PathBuf>) -> anyhow::Result<()> {
+    let spec = BuildSpec {
+        package: args.package,
+        release: args.release,
+        dir: std::env::current_dir()?,
     };
-    // Bind first: a second host on the same socket stops here, before loading.
-    let server = Server::bind(&socket)?;
-    let host = Host::new(config)?;
-    host.print(&format!(
-        "keepwarm: serving {} · control socket {}",
-        host.library().display(),
-        server.path().display()
-    ));
-    watcher::load_initial(&host);
-    let _watch = watcher::watch(Arc::clone(&host)).context("watching the library")?;
-    let guard = server.spawn(Arc::clone(&host))?;
-    let guard = Arc::new(parking_lot::Mutex::new(Some(guard)));
-    {
-        let guard = Arc::clone(&guard);
-        ctrlc::set_handler(move || {
-            // Remove the socket file, then leave.
-            drop(guard.lock().take());
-            std::process::exit(130);
-        })
-        .context("installing the Ctrl-C handler")?;
+    println!("keepwarm dev: building…");
+    let built = dev::build(&spec, &|line| eprintln!("{line}"))?;
+    let mut config = Config::new(&built.library);
+    config.cache_bounds = args.caches.into_iter().collect();
+    Serve {
+        config,
+        socket,
+        no_repl: args.no_repl,
     }
-    if !args.no_repl && std::io::stdin().is_terminal() {
-        keepwarm::repl::run(Arc::clone(&host))?;
-        drop(guard.lock().take());
+    .run(|host| {
+        let watcher = dev::watch_and_rebuild(spec, &built, std::sync::Arc::clone(host))?;
+        host.print(&format!(
+            "keepwarm dev: watching {} for changes",
+            built.package_dir.display()
+        ));
+        // The watch lives as long as the process.
+        std::mem::forget(watcher);
         Ok(())
-    } else {
-        loop {
-            std::thread::park();
-        }
-    }
+    })
 }

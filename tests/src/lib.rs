@@ -316,21 +316,37 @@ impl HostProcess {
     /// Starts a host on `library` with extra `run` arguments, and waits until
     /// its control socket answers.
     pub fn start(library: &Path, extra: &[&str]) -> HostProcess {
+        let mut args: Vec<std::ffi::OsString> =
+            vec!["run".into(), library.into(), "--no-repl".into()];
+        args.extend(extra.iter().map(Into::into));
+        HostProcess::spawn(&args, None, &[])
+    }
+
+    /// Runs `keepwarm ARGS... --socket SOCKET` (in `dir`, with `env` added) and
+    /// waits until its control socket answers. `run` and `dev` both serve.
+    pub fn spawn(
+        args: &[std::ffi::OsString],
+        dir: Option<&Path>,
+        env: &[(&str, &Path)],
+    ) -> HostProcess {
         let runtime = tempfile::tempdir().unwrap();
         let socket = runtime.path().join("host.sock");
-        let mut child = Command::new(keepwarm_bin())
-            .arg("run")
-            .arg(library)
-            .arg("--no-repl")
+        let mut command = Command::new(keepwarm_bin());
+        command
+            .args(args)
             .arg("--socket")
             .arg(&socket)
-            .args(extra)
             .env("XDG_RUNTIME_DIR", runtime.path())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("starting keepwarm run");
+            .stderr(Stdio::piped());
+        if let Some(dir) = dir {
+            command.current_dir(dir);
+        }
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        let mut child = command.spawn().expect("starting keepwarm");
         let lines = Arc::new(Lines {
             lines: Mutex::new(Vec::new()),
             changed: Condvar::new(),
@@ -351,7 +367,7 @@ impl HostProcess {
                 }
             });
         }
-        let host = HostProcess {
+        let mut host = HostProcess {
             child,
             lines,
             socket,
@@ -360,7 +376,7 @@ impl HostProcess {
         let deadline = Instant::now() + WAIT;
         while std::os::unix::net::UnixStream::connect(&host.socket).is_err() {
             assert!(
-                Instant::now() < deadline,
+                Instant::now() < deadline && host.is_running(),
                 "the host never opened its socket: {:?}",
                 host.lines()
             );

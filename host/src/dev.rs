@@ -1,0 +1,233 @@
+//! `keepwarm dev`: the whole edit loop in one command. Build the plugin crate
+//! with cargo, serve its artifact, watch the crate's sources, and rebuild on
+//! every change; the host's own watcher then reloads the new library.
+//!
+//! The artifact is found through cargo's JSON messages (the
+//! `compiler-artifact` whose target kinds include `cdylib`), never by
+//! guessing paths. Source changes are debounced ([`DEBOUNCE`]); changes that
+//! arrive during a build cause exactly one more build after it. A build that
+//! fails prints the compiler's errors and changes nothing: the live
+//! generation keeps serving.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use notify::{RecursiveMode, Watcher as _};
+use serde::Deserialize;
+
+use crate::host::Host;
+
+/// Quiet time after the last source change before a build starts: an
+/// editor's save is often several writes.
+pub const DEBOUNCE: Duration = Duration::from_millis(100);
+
+/// What to build.
+#[derive(Debug, Clone)]
+pub struct BuildSpec {
+    /// `-p PACKAGE`, or the package of the current directory.
+    pub package: Option<String>,
+    /// `--release`.
+    pub release: bool,
+    /// Where to run cargo.
+    pub dir: PathBuf,
+}
+
+/// The result of one build.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Built {
+    /// The plugin library cargo produced.
+    pub library: PathBuf,
+    /// The directory of the package's manifest (what to watch).
+    pub package_dir: PathBuf,
+}
+
+#[derive(Deserialize)]
+struct Message {
+    reason: String,
+    #[serde(default)]
+    target: Option<Target>,
+    #[serde(default)]
+    filenames: Vec<PathBuf>,
+    #[serde(default)]
+    manifest_path: Option<PathBuf>,
+}
+
+#[derive(Deserialize)]
+struct Target {
+    kind: Vec<String>,
+}
+
+/// Picks the cdylib artifact from cargo's JSON message lines.
+pub fn find_artifact<'a>(lines: impl IntoIterator<Item = &'a str>) -> Option<Built> {
+    let mut found = None;
+    for line in lines {
+        let Ok(m) = serde_json::from_str::<Message>(line) else {
+            continue;
+        };
+        if m.reason != "compiler-artifact"
+            || !m
+                .target
+                .is_some_and(|t| t.kind.iter().any(|k| k == "cdylib"))
+        {
+            continue;
+        }
+        let library = m
+            .filenames
+            .into_iter()
+            .find(|f| f.extension().is_some_and(|e| e == "so"));
+        if let (Some(library), Some(manifest)) = (library, m.manifest_path) {
+            found = Some(Built {
+                library,
+                package_dir: manifest.parent().unwrap_or(Path::new(".")).to_owned(),
+            });
+        }
+    }
+    found
+}
+
+/// Runs `cargo build --message-format=json-render-diagnostics`, sending the
+/// compiler's rendered output to `print`; returns the artifact, or an error
+/// when the build failed or produced no cdylib.
+pub fn build(spec: &BuildSpec, print: &(dyn Fn(&str) + Sync)) -> anyhow::Result<Built> {
+    let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cmd.current_dir(&spec.dir)
+        .args(["build", "--message-format=json-render-diagnostics"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    if let Some(p) = &spec.package {
+        cmd.args(["-p", p]);
+    }
+    if spec.release {
+        cmd.arg("--release");
+    }
+    let mut child = cmd.spawn().context("running cargo build")?;
+    let stderr = child.stderr.take().expect("piped");
+    let relay = std::thread::scope(|s| {
+        // The compiler's rendered diagnostics come on stderr; relay them as
+        // they come so errors show while the build runs.
+        s.spawn(|| {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let t = line.trim_start();
+                if t.starts_with("Compiling")
+                    || t.starts_with("Finished")
+                    || t.starts_with("Blocking")
+                {
+                    continue;
+                }
+                print(&line);
+            }
+        });
+        let stdout = child.stdout.take().expect("piped");
+        BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+            .collect::<Vec<_>>()
+    });
+    let status = child.wait().context("waiting for cargo build")?;
+    if !status.success() {
+        bail!("cargo build failed ({status})");
+    }
+    find_artifact(relay.iter().map(String::as_str)).with_context(|| {
+        format!(
+            "cargo built no cdylib{}; set `crate-type = [\"cdylib\"]` under [lib], or choose the plugin with -p",
+            spec.package.as_deref().map(|p| format!(" for package {p}")).unwrap_or_default()
+        )
+    })
+}
+
+/// Watches `built.package_dir` (minus `target/` and hidden directories) and
+/// rebuilds on changes, on a background thread, printing through `host`.
+pub fn watch_and_rebuild(
+    spec: BuildSpec,
+    built: &Built,
+    host: Arc<Host>,
+) -> anyhow::Result<notify::RecommendedWatcher> {
+    let dir = built.package_dir.clone();
+    let (tx, rx) = mpsc::channel::<()>();
+    let root = dir.clone();
+    let ignored = move |p: &Path| {
+        p.strip_prefix(&root)
+            .ok()
+            .and_then(|rel| rel.components().next())
+            .is_some_and(|c| {
+                let c = c.as_os_str().to_string_lossy();
+                c == "target" || c.starts_with('.')
+            })
+    };
+    let dir_for_events = dir.clone();
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        let Ok(event) = event else { return };
+        if matches!(event.kind, notify::EventKind::Access(_)) {
+            return;
+        }
+        if event
+            .paths
+            .iter()
+            .any(|p| p.starts_with(&dir_for_events) && !ignored(p))
+        {
+            let _ = tx.send(());
+        }
+    })?;
+    watcher
+        .watch(&dir, RecursiveMode::Recursive)
+        .with_context(|| format!("watching {}", dir.display()))?;
+    std::thread::Builder::new()
+        .name("keepwarm-dev".into())
+        .spawn(move || {
+            while rx.recv().is_ok() {
+                // Debounce: wait until the sources are quiet.
+                while rx.recv_timeout(DEBOUNCE).is_ok() {}
+                loop {
+                    let started = Instant::now();
+                    host.print("keepwarm dev: sources changed, building…");
+                    let print = |line: &str| host.print(line);
+                    match build(&spec, &print) {
+                        Ok(_) => host.print(&format!(
+                            "keepwarm dev: built in {:.1} s",
+                            started.elapsed().as_secs_f64()
+                        )),
+                        Err(e) => {
+                            let serving = host.current().map_or(0, |g| g.number);
+                            host.print(&format!(
+                                "keepwarm dev: {e:#}; generation {serving} keeps serving"
+                            ));
+                        }
+                    }
+                    // Changes made during the build: one more build, not one per change.
+                    let mut again = false;
+                    while rx.try_recv().is_ok() {
+                        again = true;
+                    }
+                    if !again {
+                        break;
+                    }
+                    while rx.recv_timeout(DEBOUNCE).is_ok() {}
+                }
+            }
+        })?;
+    Ok(watcher)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_the_cdylib_among_cargo_messages() {
+        let lines = [
+            r#"{"reason":"compiler-artifact","target":{"kind":["lib"]},"filenames":["/t/libserde.rlib"],"manifest_path":"/r/serde/Cargo.toml"}"#,
+            r#"{"reason":"compiler-message","message":{}}"#,
+            r#"{"reason":"compiler-artifact","target":{"kind":["cdylib","rlib"]},"filenames":["/t/debug/libp.so","/t/debug/libp.rlib"],"manifest_path":"/w/p/Cargo.toml"}"#,
+            r#"{"reason":"build-finished","success":true}"#,
+        ];
+        let built = find_artifact(lines).unwrap();
+        assert_eq!(built.library, PathBuf::from("/t/debug/libp.so"));
+        assert_eq!(built.package_dir, PathBuf::from("/w/p"));
+        assert!(find_artifact([lines[0]]).is_none());
+    }
+}

@@ -1,0 +1,72 @@
+//! The edit loop with the real cargo: each build reloads exactly once, and
+//! `keepwarm dev` builds, serves, rebuilds on edits and survives compile
+//! errors.
+
+use keepwarm_tests::{scratch_target_dir, HostProcess, Scratch};
+
+#[test]
+fn each_build_reloads_exactly_once() {
+    let plugin = Scratch::copy_of("example-plugin", "kw_loop_plugin");
+    let host = HostProcess::start(&plugin.build(), &[]);
+    host.wait_for("generation 1 loaded");
+    for n in 2..=4 {
+        plugin.edit(|src| src.replace(&format!(r#""v{}""#, n - 1), &format!(r#""v{n}""#)));
+        plugin.build();
+        host.wait_for(&format!("generation {n} reloaded"));
+        assert_eq!(host.call("version", &[]), format!("v{n}"));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert_eq!(
+        host.count("reloaded"),
+        3,
+        "three builds, three reloads: {:?}",
+        host.lines()
+    );
+    assert_eq!(host.count("refused"), 0);
+}
+
+#[test]
+fn dev_rebuilds_on_edit_and_survives_a_compile_error() {
+    let plugin = Scratch::copy_of("example-plugin", "kw_dev_plugin");
+    let target = scratch_target_dir();
+    let host = HostProcess::spawn(
+        &["dev".into(), "--no-repl".into()],
+        Some(plugin.dir()),
+        &[("CARGO_TARGET_DIR", &target)],
+    );
+    host.wait_for("generation 1 loaded");
+    assert_eq!(host.call("square", &["10"]), 100);
+    assert_eq!(host.call("version", &[]), "v1");
+
+    // Save an edit: dev rebuilds, the host reloads, the cache stays.
+    plugin.edit(|src| src.replace(r#""v1""#, r#""v2""#));
+    host.wait_for("generation 2 reloaded");
+    assert_eq!(host.call("version", &[]), "v2");
+
+    // A compile error: shown, and generation 2 keeps serving.
+    plugin.edit(|src| {
+        src.replace(
+            "pub fn version() -> &'static str {",
+            "pub fn version() -> &'static str {\n    let broken: u64 = \"not a number\";",
+        )
+    });
+    host.wait_for("error[E0308]");
+    host.wait_for("cargo build failed");
+    assert_eq!(host.call("version", &[]), "v2");
+    assert_eq!(host.status()["generation"], 2);
+
+    // Fixed: the next build loads.
+    plugin.edit(|src| {
+        src.replace("\n    let broken: u64 = \"not a number\";", "")
+            .replace(r#""v2""#, r#""v3""#)
+    });
+    host.wait_for("generation 3 reloaded");
+    assert_eq!(host.call("version", &[]), "v3");
+    assert_eq!(host.call("square", &["10"]), 100);
+    assert_eq!(
+        host.count("Squaring 10"),
+        1,
+        "square stayed cached through it all"
+    );
+    assert_eq!(host.count("reloaded"), 2, "{:?}", host.lines());
+}
