@@ -8,7 +8,7 @@
 //! descriptor. Each loaded copy of a library has its own sections, so two
 //! generations never see each other's lists.
 //!
-//! ```ignore
+//! ```text
 //! #[keepwarm_api::export]
 //! #[keepwarm_api::memo]
 //! fn square(x: u64) -> u64 {
