@@ -75,8 +75,9 @@ pub const KW_ENTRY_SYMBOL: &str = "keepwarm_plugin";
 /// otherwise. Keys are the arguments and values the result, encoded with
 /// postcard (any serde types); misses compute in the calling thread, and
 /// concurrent misses on one key compute once (the others wait). A stored
-/// value that does not decode as the current return type is a miss and is
-/// overwritten.
+/// value of another return type (by type name), or one that does not decode,
+/// is a miss and is overwritten; after changing a type's fields but not its
+/// name, bump `version`.
 ///
 /// Options: `name = "..."`, `max_entries = N`, `max_bytes = N` (keys plus
 /// values), `version = N` (a reload that brings another N resets the cache),

@@ -126,7 +126,9 @@ impl KwCacheDecl {
 /// returned but not stored. Keys and values are encoded with postcard, values
 /// behind an 8-byte tag of their type's name: a stored value of another type
 /// (the return type changed between reloads), or one that does not decode,
-/// counts as a miss and is overwritten, never returned as garbage. A
+/// counts as a miss and is overwritten. The tag is the type's *name*: after
+/// changing a type's fields but not its name, reset the cache (or bump
+/// `#[memo(version = N)]`), since postcard is not self-describing. A
 /// computation that needs its own key panics with a message naming the cache
 /// (the call fails with that error) instead of deadlocking. Outside a host,
 /// `compute` simply runs.
