@@ -90,6 +90,12 @@ impl KwSlice {
     }
 
     /// A view of the UTF-8 bytes of `s`.
+    ///
+    /// ```
+    /// let name = keepwarm_api::abi::KwSlice::from_str("square");
+    /// // SAFETY: the slice views a live &'static str.
+    /// assert_eq!(unsafe { name.as_bytes() }, Some(&b"square"[..]));
+    /// ```
     pub const fn from_str(s: &str) -> KwSlice {
         KwSlice::from_bytes(s.as_bytes())
     }

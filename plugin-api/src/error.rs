@@ -25,6 +25,10 @@ impl Error {
     }
 
     /// The message.
+    ///
+    /// ```
+    /// assert_eq!(keepwarm_api::Error::from("bad input").message(), "bad input");
+    /// ```
     pub fn message(&self) -> &str {
         &self.message
     }

@@ -32,6 +32,10 @@ fn host() -> Option<&'static KwHostApi> {
 
 /// The generation number of the running plugin (1 for the first load), or
 /// `None` when not loaded by a host (for example in the plugin's unit tests).
+///
+/// ```
+/// assert_eq!(keepwarm_api::generation(), None); // a doc test has no host
+/// ```
 pub fn generation() -> Option<u64> {
     host().map(|h| h.generation)
 }
@@ -187,6 +191,10 @@ pub fn host_cache_reset(cache: &str) -> Result<(), Error> {
 
 /// Writes one line to the host's output at `level` (a `KW_LOG_*` constant).
 /// Outside a host the line goes to standard error. Prefer [`log!`](crate::log).
+///
+/// ```
+/// keepwarm_api::log_line(keepwarm_api::abi::KW_LOG_WARN, "cache bound reached");
+/// ```
 pub fn log_line(level: u32, message: &str) {
     match host() {
         // SAFETY: as in host_cache_get.

@@ -66,6 +66,10 @@ pub use plugin::{cache, cached, ffi_boundary, panic_message, Args};
 
 /// The name of the symbol every plugin exports; it returns the plugin's
 /// [`abi::KwPlugin`] descriptor.
+///
+/// ```
+/// assert_eq!(keepwarm_api::KW_ENTRY_SYMBOL, "keepwarm_plugin");
+/// ```
 pub const KW_ENTRY_SYMBOL: &str = "keepwarm_plugin";
 
 /// Memoizes a function in a host cache that survives every reload: the

@@ -38,6 +38,13 @@ impl Args {
     }
 
     /// Number of arguments.
+    ///
+    /// ```
+    /// let args = keepwarm_api::Args::from_json("f", b"[1, 2]").unwrap();
+    /// assert_eq!(args.len(), 2);
+    /// assert!(!args.is_empty());
+    /// assert!(args.expect_len(1).unwrap_err().to_string().contains("f takes 1 argument, got 2"));
+    /// ```
     pub fn len(&self) -> usize {
         self.values.len()
     }
@@ -278,6 +285,11 @@ fn decode<V: DeserializeOwned>(bytes: &[u8]) -> Option<V> {
 }
 
 /// The panic message of a caught panic payload.
+///
+/// ```
+/// let payload = std::panic::catch_unwind(|| panic!("boom {}", 1)).unwrap_err();
+/// assert_eq!(keepwarm_api::panic_message(&*payload), "boom 1");
+/// ```
 pub fn panic_message(payload: &(dyn Any + Send)) -> String {
     if let Some(s) = payload.downcast_ref::<&str>() {
         (*s).to_owned()
@@ -299,6 +311,12 @@ fn write(out: Option<&KwOutput>, bytes: &[u8]) {
 
 /// Runs `body` so that no panic escapes: a panic becomes [`abi::KW_PANIC`]
 /// with its message written to `out`. Every shell uses this.
+///
+/// ```
+/// use keepwarm_api::{abi, ffi_boundary};
+/// assert_eq!(ffi_boundary(None, || abi::KW_OK), abi::KW_OK);
+/// assert_eq!(ffi_boundary(None, || panic!("never crosses the ABI")), abi::KW_PANIC);
+/// ```
 pub fn ffi_boundary(out: Option<&KwOutput>, body: impl FnOnce() -> KwStatus) -> KwStatus {
     match catch_unwind(AssertUnwindSafe(body)) {
         Ok(status) => status,
