@@ -228,3 +228,28 @@ fn contended_cache_figures_stay_consistent() {
     assert!(c.evictions + c.entries <= c.inserts, "{c:?}");
     assert_eq!(c.bytes, c.entries * 16, "8-byte keys and values: {c:?}");
 }
+
+#[test]
+fn reloads_of_a_plugin_with_thread_local_destructors_are_measured() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let (_dir, path, host, _watch) = host_on_swap_a();
+    let (a, b) = (built_library("swap_a"), built_library("swap_b"));
+    let rss_before = vm_rss_kib();
+    const RELOADS: u64 = 100;
+    for n in 0..RELOADS {
+        // Each generation touches its thread-local on this thread.
+        host.call("tls", &[]).unwrap();
+        swap(if n % 2 == 0 { &b } else { &a }, &path, false);
+        wait_for_generation(&host, n + 2);
+    }
+    let shadow_files = std::fs::read_dir(host.shadow_dir()).unwrap().count();
+    eprintln!(
+        "tls reloads: {RELOADS} reloads of a plugin whose thread-local has a destructor: mapped shadow libraries {}, RSS +{} KiB, shadow files in the directory {shadow_files}",
+        shadow_mappings(),
+        vm_rss_kib().saturating_sub(rss_before)
+    );
+    assert_eq!(
+        shadow_files, 1,
+        "retired shadow files are unlinked even when glibc keeps them mapped"
+    );
+}
