@@ -51,6 +51,19 @@ fn wait_for_generation(host: &Host, n: u64) {
     }
 }
 
+/// The number of shadow files once the last swap's old generation has
+/// retired. It retires on whichever thread drops its last reference, which
+/// may still be under way when the new generation's number shows, so this
+/// waits (up to 10 s) for the count to reach one rather than race it.
+fn settled_shadow_files(host: &Host) -> usize {
+    let count = || std::fs::read_dir(host.shadow_dir()).unwrap().count();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while count() > 1 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    count()
+}
+
 /// Replaces `path` with `from`: by atomic rename, or by copying over the
 /// file in place (truncate, then write).
 fn swap(from: &Path, path: &Path, in_place: bool) {
@@ -182,7 +195,7 @@ fn a_thousand_reloads_keep_shadow_files_bounded() {
             );
         }
     }
-    let shadow_files = std::fs::read_dir(host.shadow_dir()).unwrap().count();
+    let shadow_files = settled_shadow_files(&host);
     let rss_growth = vm_rss_kib().saturating_sub(rss_before);
     eprintln!(
         "reloads: {RELOADS} in {:.1} s; RSS +{rss_growth} KiB ({:.1} KiB per reload); shadow files now {shadow_files}; mapped shadow libraries {} (before {maps_before})",
@@ -242,7 +255,7 @@ fn reloads_of_a_plugin_with_thread_local_destructors_are_measured() {
         swap(if n % 2 == 0 { &b } else { &a }, &path, false);
         wait_for_generation(&host, n + 2);
     }
-    let shadow_files = std::fs::read_dir(host.shadow_dir()).unwrap().count();
+    let shadow_files = settled_shadow_files(&host);
     eprintln!(
         "tls reloads: {RELOADS} reloads of a plugin whose thread-local has a destructor: mapped shadow libraries {}, RSS +{} KiB, shadow files in the directory {shadow_files}",
         shadow_mappings(),
