@@ -6,6 +6,7 @@
 //! reference) until it releases the value.
 
 use std::collections::HashMap;
+use std::mem::MaybeUninit;
 use std::num::NonZeroUsize;
 use std::sync::Arc;
 use std::thread::ThreadId;
@@ -156,6 +157,17 @@ pub enum Computed<E> {
     Failed(E),
 }
 
+/// What [`Cache::get_into`] found.
+#[derive(Debug)]
+pub enum Found {
+    /// A hit whose value was copied into the caller's buffer: its length.
+    Copied(usize),
+    /// A hit too large for the buffer: the value, shared.
+    Shared(Arc<[u8]>),
+    /// Not in the cache.
+    Miss,
+}
+
 /// One named cache.
 pub struct Cache {
     name: String,
@@ -203,6 +215,31 @@ impl Cache {
                 None
             }
         }
+    }
+
+    /// Looks `key` up like [`Cache::get`], but copies a value that fits in
+    /// `buf` there (under the lock, so no reference count is touched) and
+    /// shares only the larger ones.
+    pub fn get_into(&self, key: &[u8], buf: &mut [MaybeUninit<u8>]) -> Found {
+        let mut inner = self.inner.lock();
+        let found = match inner.lru.get(key) {
+            Some(v) if v.len() <= buf.len() => {
+                // SAFETY: `v` holds v.len() readable bytes, `buf` has room for
+                // at least that many, and the two cannot overlap (`buf` is
+                // the caller's, `v` the cache's own allocation).
+                unsafe {
+                    std::ptr::copy_nonoverlapping(v.as_ptr(), buf.as_mut_ptr().cast(), v.len())
+                };
+                Found::Copied(v.len())
+            }
+            Some(v) => Found::Shared(Arc::clone(v)),
+            None => Found::Miss,
+        };
+        match found {
+            Found::Miss => inner.misses += 1,
+            _ => inner.hits += 1,
+        }
+        found
     }
 
     /// Stores `value` under `key`, evicting least recently used entries until
@@ -262,12 +299,22 @@ impl Cache {
         key: &[u8],
         compute: impl FnOnce() -> Result<Vec<u8>, E>,
     ) -> Computed<E> {
+        match self.get(key) {
+            Some(v) => Computed::Value(v),
+            None => self.compute_missing(key, compute),
+        }
+    }
+
+    /// The miss half of [`Cache::get_or_compute`], for a caller whose own
+    /// lookup (already counted in the figures) missed.
+    pub fn compute_missing<E>(
+        &self,
+        key: &[u8],
+        compute: impl FnOnce() -> Result<Vec<u8>, E>,
+    ) -> Computed<E> {
         let me = std::thread::current().id();
         let mut compute = Some(compute);
         loop {
-            if let Some(v) = self.get(key) {
-                return Computed::Value(v);
-            }
             let (flight, leader) = {
                 let mut flights = self.flights.lock();
                 // Re-check under the flights lock: a flight that just
@@ -546,6 +593,27 @@ mod tests {
         assert!(c.get(b"a").is_none());
         assert_eq!(c.put(b"big", b"123456789"), Err(PutError::TooLarge));
         assert_eq!(c.stats().entries, 2, "a refused put evicts nothing");
+    }
+
+    #[test]
+    fn get_into_copies_what_fits_and_shares_the_rest() {
+        let c = Cache::new("t", bounds(10, None));
+        c.put(b"small", b"1234").unwrap();
+        c.put(b"large", &[7u8; 100]).unwrap();
+        let mut buf = [MaybeUninit::new(0u8); 8];
+        match c.get_into(b"small", &mut buf) {
+            // SAFETY: get_into initialized the first 4 bytes.
+            Found::Copied(4) => assert_eq!(unsafe { buf[3].assume_init() }, b'4'),
+            other => panic!("expected a copy of 4 bytes, got {other:?}"),
+        }
+        match c.get_into(b"large", &mut buf) {
+            Found::Shared(v) => assert_eq!(&*v, &[7u8; 100][..]),
+            other => panic!("expected a shared value, got {other:?}"),
+        }
+        assert!(matches!(c.get_into(b"absent", &mut buf), Found::Miss));
+        assert!(matches!(c.get_into(b"small", &mut []), Found::Shared(_)));
+        let s = c.stats();
+        assert_eq!((s.hits, s.misses), (3, 1), "each lookup counted once");
     }
 
     #[test]

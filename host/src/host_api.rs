@@ -7,11 +7,13 @@
 //! plugin code.
 
 use std::ffi::c_void;
+use std::mem::MaybeUninit;
 use std::sync::Arc;
 
-use keepwarm_api::abi::{self, KwCompute, KwHostApi, KwSlice, KwStatus, KwValue};
+use keepwarm_api::abi::{self, KwCacheHandle, KwCompute, KwHostApi, KwSlice, KwStatus, KwValue};
+use parking_lot::Mutex;
 
-use crate::cache::{Computed, PutError, Store};
+use crate::cache::{Cache, Computed, Found, PutError, Store};
 
 /// Receives the lines plugins log: (generation, level, message).
 pub type LogSink = Arc<dyn Fn(u64, u32, &str) + Send + Sync>;
@@ -22,6 +24,10 @@ pub struct HostContext {
     generation: u64,
     store: Arc<Store>,
     log: LogSink,
+    /// The caches this generation opened handles on. The store never drops
+    /// a cache, but holding them here makes a handle's validity this
+    /// context's own guarantee rather than the store's policy.
+    opened: Mutex<Vec<Arc<Cache>>>,
 }
 
 /// A generation's host table with the context it points to. Both are boxed
@@ -44,6 +50,7 @@ impl HostTable {
             generation,
             store,
             log,
+            opened: Mutex::new(Vec::new()),
         });
         let table = Box::new(KwHostApi {
             abi_version: abi::KW_ABI_VERSION,
@@ -56,6 +63,10 @@ impl HostTable {
             cache_reset,
             log: log_line,
             cache_get_or_compute,
+            cache_open,
+            cache_get_into,
+            cache_put_handle,
+            cache_get_or_compute_into,
         });
         HostTable {
             table,
@@ -135,6 +146,206 @@ unsafe fn lend(value: Arc<[u8]>, out: *mut KwValue) {
     };
 }
 
+/// # Safety
+/// `handle` must be NULL or a handle from `cache_open` of a live context
+/// (the ABI contract: handles are only passed back to the table that made them).
+unsafe fn handle<'a>(handle: KwCacheHandle) -> Option<&'a Cache> {
+    // SAFETY: per the contract, NULL or the address of a Cache that the
+    // context's `opened` list keeps alive.
+    unsafe { (handle as *const Cache).as_ref() }
+}
+
+/// The plugin's copy-out buffer; an empty one when `cap` is 0.
+///
+/// # Safety
+/// When `cap` is not 0, `buf` must be valid for writes of `cap` bytes for the
+/// current call (it may be uninitialized).
+unsafe fn out_buffer<'a>(buf: *mut u8, cap: usize) -> Option<&'a mut [MaybeUninit<u8>]> {
+    if cap == 0 {
+        return Some(&mut []);
+    }
+    if buf.is_null() {
+        return None;
+    }
+    // SAFETY: per the contract; MaybeUninit makes no claim about the contents.
+    Some(unsafe { std::slice::from_raw_parts_mut(buf.cast(), cap) })
+}
+
+unsafe extern "C" fn cache_open(
+    ctx: *mut c_void,
+    name: KwSlice,
+    out: *mut KwCacheHandle,
+) -> KwStatus {
+    keepwarm_api::ffi_boundary(None, || {
+        // SAFETY: as in cache_get.
+        let (Some(ctx), Some(name)) = (unsafe { context(ctx) }, unsafe { self::name(name) }) else {
+            return abi::KW_INVALID_ARGUMENT;
+        };
+        if out.is_null() {
+            return abi::KW_INVALID_ARGUMENT;
+        }
+        let cache = ctx.store.cache(name);
+        let ptr = Arc::as_ptr(&cache);
+        let mut opened = ctx.opened.lock();
+        if !opened.iter().any(|c| Arc::ptr_eq(c, &cache)) {
+            opened.push(cache);
+        }
+        // SAFETY: `out` is non-NULL and points to the plugin's handle.
+        unsafe { out.write(ptr as KwCacheHandle) };
+        abi::KW_OK
+    })
+}
+
+/// The cache, the key and the copy-out buffer of a copy-out lookup.
+type IntoArgs<'a> = (&'a Cache, &'a [u8], &'a mut [MaybeUninit<u8>]);
+
+/// The arguments of a copy-out lookup as Rust values; `None` when one is
+/// unusable (a NULL pointer).
+///
+/// # Safety
+/// As for [`handle`], [`out_buffer`] and [`KwSlice::as_bytes`], for the
+/// current call.
+unsafe fn into_args<'a>(
+    ctx: *mut c_void,
+    cache: KwCacheHandle,
+    key: KwSlice,
+    buf: *mut u8,
+    cap: usize,
+    out: *mut KwValue,
+) -> Option<IntoArgs<'a>> {
+    if out.is_null() || ctx.is_null() {
+        return None;
+    }
+    // SAFETY: per this function's contract.
+    unsafe { Some((handle(cache)?, key.as_bytes()?, out_buffer(buf, cap)?)) }
+}
+
+unsafe extern "C" fn cache_get_into(
+    ctx: *mut c_void,
+    cache: KwCacheHandle,
+    key: KwSlice,
+    buf: *mut u8,
+    cap: usize,
+    out: *mut KwValue,
+) -> KwStatus {
+    keepwarm_api::ffi_boundary(None, || {
+        // SAFETY: the plugin passes its ctx, a handle of this table, a key
+        // valid for this call, a buffer of `cap` writable bytes and a valid
+        // `out` (ABI contract); NULLs are caught.
+        let Some((cache, key, buf)) = (unsafe { into_args(ctx, cache, key, buf, cap, out) }) else {
+            return abi::KW_INVALID_ARGUMENT;
+        };
+        let found = cache.get_into(key, buf);
+        // SAFETY: `out` is non-NULL and points to the plugin's KwValue.
+        unsafe { hand_out(found, buf, out) }
+    })
+}
+
+/// Writes what a copy-out lookup found to `*out`; the status to return.
+///
+/// # Safety
+/// `out` must be non-NULL and valid for a write.
+unsafe fn hand_out(found: Found, buf: &mut [MaybeUninit<u8>], out: *mut KwValue) -> KwStatus {
+    match found {
+        Found::Copied(len) => {
+            // SAFETY: per the contract.
+            unsafe {
+                out.write(KwValue {
+                    ptr: buf.as_ptr().cast(),
+                    len,
+                    lease: std::ptr::null(),
+                })
+            };
+            abi::KW_OK
+        }
+        Found::Shared(value) => {
+            // SAFETY: per the contract.
+            unsafe { lend(value, out) };
+            abi::KW_OK
+        }
+        Found::Miss => abi::KW_MISS,
+    }
+}
+
+unsafe extern "C" fn cache_put_handle(
+    ctx: *mut c_void,
+    cache: KwCacheHandle,
+    key: KwSlice,
+    value: KwSlice,
+) -> KwStatus {
+    keepwarm_api::ffi_boundary(None, || {
+        // SAFETY: as in cache_get_into.
+        let (Some(cache), Some(key), Some(value)) = (
+            unsafe { handle(cache) },
+            unsafe { key.as_bytes() },
+            unsafe { value.as_bytes() },
+        ) else {
+            return abi::KW_INVALID_ARGUMENT;
+        };
+        if ctx.is_null() {
+            return abi::KW_INVALID_ARGUMENT;
+        }
+        match cache.put(key, value) {
+            Ok(()) => abi::KW_OK,
+            Err(PutError::TooLarge) => abi::KW_TOO_LARGE,
+        }
+    })
+}
+
+/// Runs a plugin's [`KwCompute`] into a byte vector.
+fn run_compute(compute: KwCompute) -> Result<Vec<u8>, (KwStatus, Vec<u8>)> {
+    let mut bytes = Vec::new();
+    let mut sink = crate::loader::output_to(&mut bytes);
+    // SAFETY: the plugin's computation, called once on this thread with its
+    // own `user` pointer (ABI contract); `sink` outlives it.
+    let status = unsafe { (compute.call)(compute.user, &mut sink) };
+    if status == abi::KW_OK {
+        Ok(bytes)
+    } else {
+        Err((status, bytes))
+    }
+}
+
+/// Lends the outcome of a computation (the value, or the failure's message).
+///
+/// # Safety
+/// `out` must be non-NULL and valid for a write.
+unsafe fn lend_computed(computed: Computed<(KwStatus, Vec<u8>)>, out: *mut KwValue) -> KwStatus {
+    let (status, value) = match computed {
+        Computed::Value(v) => (abi::KW_OK, v),
+        Computed::Cycle => return abi::KW_CYCLE,
+        Computed::Failed((status, message)) => (status, Arc::from(message)),
+    };
+    // SAFETY: per the contract.
+    unsafe { lend(value, out) };
+    status
+}
+
+unsafe extern "C" fn cache_get_or_compute_into(
+    ctx: *mut c_void,
+    cache: KwCacheHandle,
+    key: KwSlice,
+    compute: KwCompute,
+    buf: *mut u8,
+    cap: usize,
+    out: *mut KwValue,
+) -> KwStatus {
+    keepwarm_api::ffi_boundary(None, || {
+        // SAFETY: as in cache_get_into.
+        let Some((cache, key, buf)) = (unsafe { into_args(ctx, cache, key, buf, cap, out) }) else {
+            return abi::KW_INVALID_ARGUMENT;
+        };
+        match cache.get_into(key, buf) {
+            // SAFETY: `out` is non-NULL and points to the plugin's KwValue.
+            Found::Miss => unsafe {
+                lend_computed(cache.compute_missing(key, || run_compute(compute)), out)
+            },
+            // SAFETY: as above.
+            found => unsafe { hand_out(found, buf, out) },
+        }
+    })
+}
+
 unsafe extern "C" fn cache_get_or_compute(
     ctx: *mut c_void,
     cache: KwSlice,
@@ -154,29 +365,11 @@ unsafe extern "C" fn cache_get_or_compute(
         if out.is_null() {
             return abi::KW_INVALID_ARGUMENT;
         }
-        let run = || {
-            let mut bytes = Vec::new();
-            let mut sink = crate::loader::output_to(&mut bytes);
-            // SAFETY: the plugin's computation, called once on this thread
-            // with its own `user` pointer (ABI contract); `sink` outlives it.
-            let status = unsafe { (compute.call)(compute.user, &mut sink) };
-            if status == abi::KW_OK {
-                Ok(bytes)
-            } else {
-                Err((status, bytes))
-            }
-        };
-        // The store's read lock is not held while computing: the cache is
-        // looked up (or created) first, then computed into with no lock.
+        // No store lock is held while computing: the cache is looked up (or
+        // created) first, then computed into with no lock.
         let cache = ctx.store.cache(cache);
-        let (status, value) = match cache.get_or_compute(key, run) {
-            Computed::Value(v) => (abi::KW_OK, v),
-            Computed::Cycle => return abi::KW_CYCLE,
-            Computed::Failed((status, message)) => (status, Arc::from(message)),
-        };
         // SAFETY: `out` is non-NULL and points to the plugin's KwValue.
-        unsafe { lend(value, out) };
-        status
+        unsafe { lend_computed(cache.get_or_compute(key, || run_compute(compute)), out) }
     })
 }
 

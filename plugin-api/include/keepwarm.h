@@ -175,6 +175,16 @@ typedef struct KwCompute {
 } KwCompute;
 
 /**
+ * An opaque handle on one host cache, from [`KwHostApi::cache_open`].
+ *
+ * Ownership: the host owns what it points to. A handle stays valid, with the
+ * table that produced it, for as long as that generation stays loaded; pass
+ * it only to the `*_handle`/`*_into` functions of the same table. It survives
+ * resets of the cache (a reset empties a cache, it never replaces it).
+ */
+typedef const void *KwCacheHandle;
+
+/**
  * The table of host functions that the host hands a plugin in `on_load`.
  *
  * Ownership: the host owns the table and keeps it valid, with everything it
@@ -240,6 +250,43 @@ typedef struct KwHostApi {
                                    struct KwSlice key,
                                    struct KwCompute compute,
                                    struct KwValue *out);
+  /**
+   * Resolves the cache named `name` (created on first use) to a handle,
+   * written to `*out`. Resolve once (per generation) and pass the handle:
+   * the calls below then skip finding the cache by name every time.
+   */
+  KwStatus (*cache_open)(void *ctx, struct KwSlice name, KwCacheHandle *out);
+  /**
+   * `cache_get` on a handle, copying small values out: on a hit whose
+   * value fits in the `cap` bytes at `buf`, the value is copied there and
+   * `*out` becomes `{ptr: buf, len, lease: NULL}`: nothing to release. A
+   * larger value is lent as by `cache_get` (`lease` is not NULL; release it
+   * with `value_release`). `buf` may be NULL when `cap` is 0.
+   */
+  KwStatus (*cache_get_into)(void *ctx,
+                             KwCacheHandle cache,
+                             struct KwSlice key,
+                             uint8_t *buf,
+                             size_t cap,
+                             struct KwValue *out);
+  /**
+   * `cache_put` on a handle.
+   */
+  KwStatus (*cache_put_handle)(void *ctx,
+                               KwCacheHandle cache,
+                               struct KwSlice key,
+                               struct KwSlice value);
+  /**
+   * `cache_get_or_compute` on a handle, with the copy-out of
+   * `cache_get_into` for the value (a failure's message is always lent).
+   */
+  KwStatus (*cache_get_or_compute_into)(void *ctx,
+                                        KwCacheHandle cache,
+                                        struct KwSlice key,
+                                        struct KwCompute compute,
+                                        uint8_t *buf,
+                                        size_t cap,
+                                        struct KwValue *out);
 } KwHostApi;
 
 /**

@@ -43,6 +43,14 @@ pub const KW_TOO_LARGE: KwStatus = 5;
 /// threads waiting for each other, for the very key it is computing.
 pub const KW_CYCLE: KwStatus = 6;
 
+/// An opaque handle on one host cache, from [`KwHostApi::cache_open`].
+///
+/// Ownership: the host owns what it points to. A handle stays valid, with the
+/// table that produced it, for as long as that generation stays loaded; pass
+/// it only to the `*_handle`/`*_into` functions of the same table. It survives
+/// resets of the cache (a reset empties a cache, it never replaces it).
+pub type KwCacheHandle = *const c_void;
+
 /// Log levels for [`KwHostApi::log`].
 pub const KW_LOG_ERROR: u32 = 1;
 /// Warning level.
@@ -235,6 +243,42 @@ pub struct KwHostApi {
         cache: KwSlice,
         key: KwSlice,
         compute: KwCompute,
+        out: *mut KwValue,
+    ) -> KwStatus,
+    /// Resolves the cache named `name` (created on first use) to a handle,
+    /// written to `*out`. Resolve once (per generation) and pass the handle:
+    /// the calls below then skip finding the cache by name every time.
+    pub cache_open:
+        unsafe extern "C" fn(ctx: *mut c_void, name: KwSlice, out: *mut KwCacheHandle) -> KwStatus,
+    /// `cache_get` on a handle, copying small values out: on a hit whose
+    /// value fits in the `cap` bytes at `buf`, the value is copied there and
+    /// `*out` becomes `{ptr: buf, len, lease: NULL}`: nothing to release. A
+    /// larger value is lent as by `cache_get` (`lease` is not NULL; release it
+    /// with `value_release`). `buf` may be NULL when `cap` is 0.
+    pub cache_get_into: unsafe extern "C" fn(
+        ctx: *mut c_void,
+        cache: KwCacheHandle,
+        key: KwSlice,
+        buf: *mut u8,
+        cap: usize,
+        out: *mut KwValue,
+    ) -> KwStatus,
+    /// `cache_put` on a handle.
+    pub cache_put_handle: unsafe extern "C" fn(
+        ctx: *mut c_void,
+        cache: KwCacheHandle,
+        key: KwSlice,
+        value: KwSlice,
+    ) -> KwStatus,
+    /// `cache_get_or_compute` on a handle, with the copy-out of
+    /// `cache_get_into` for the value (a failure's message is always lent).
+    pub cache_get_or_compute_into: unsafe extern "C" fn(
+        ctx: *mut c_void,
+        cache: KwCacheHandle,
+        key: KwSlice,
+        compute: KwCompute,
+        buf: *mut u8,
+        cap: usize,
         out: *mut KwValue,
     ) -> KwStatus,
 }

@@ -1,9 +1,11 @@
 //! The plugin's side of the host table: safe wrappers around the functions
 //! the host hands the plugin at load.
 
+use core::ffi::c_void;
+use core::mem::MaybeUninit;
 use core::sync::atomic::{AtomicPtr, Ordering};
 
-use crate::abi::{self, KwCompute, KwHostApi, KwOutput, KwSlice, KwStatus, KwValue};
+use crate::abi::{self, KwCacheHandle, KwCompute, KwHostApi, KwOutput, KwSlice, KwStatus, KwValue};
 use crate::Error;
 
 /// The host table of the generation this copy of the library belongs to.
@@ -43,38 +45,279 @@ pub fn generation() -> Option<u64> {
 /// A value borrowed from a host cache. Derefs to its bytes; the host keeps
 /// them alive until this is dropped, whatever happens to the cache meanwhile.
 ///
+/// Small values (up to 64 bytes) looked up through a [`HostCache`] are copied
+/// into the `Value` itself; larger ones are lent by the host and given back
+/// on drop.
+///
 /// ```
 /// // Outside a host there is no cache: every lookup is a miss.
 /// assert!(keepwarm_api::host_cache_get("square", b"k").is_none());
 /// ```
 pub struct Value {
-    raw: KwValue,
-    host: &'static KwHostApi,
+    repr: Repr,
+}
+
+/// Values up to this size are copied out of the cache instead of lent.
+const INLINE: usize = 64;
+
+enum Repr {
+    /// Lent by the host: released on drop.
+    Lent {
+        raw: KwValue,
+        host: &'static KwHostApi,
+    },
+    /// Copied by the host into `buf`: `len` initialized bytes.
+    Inline {
+        len: usize,
+        buf: [MaybeUninit<u8>; INLINE],
+    },
+}
+
+impl Value {
+    /// Wraps what a copy-out call wrote: `raw` points into `buf` when its
+    /// lease is NULL, and is lent otherwise.
+    fn from_into(raw: KwValue, buf: [MaybeUninit<u8>; INLINE], host: &'static KwHostApi) -> Value {
+        let repr = if raw.lease.is_null() {
+            Repr::Inline {
+                len: raw.len.min(INLINE),
+                buf,
+            }
+        } else {
+            Repr::Lent { raw, host }
+        };
+        Value { repr }
+    }
+
+    fn lent(raw: KwValue, host: &'static KwHostApi) -> Value {
+        Value {
+            repr: Repr::Lent { raw, host },
+        }
+    }
 }
 
 impl core::ops::Deref for Value {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
-        if self.raw.len == 0 {
-            return &[];
+        match &self.repr {
+            Repr::Lent { raw, .. } if raw.len == 0 => &[],
+            // SAFETY: the host wrote a pointer to `len` bytes that stay valid
+            // and unchanged until the value is released, which happens only
+            // in Drop.
+            Repr::Lent { raw, .. } => unsafe { core::slice::from_raw_parts(raw.ptr, raw.len) },
+            // SAFETY: the host copied `len` (<= INLINE) bytes into `buf`.
+            Repr::Inline { len, buf } => unsafe {
+                core::slice::from_raw_parts(buf.as_ptr().cast(), *len)
+            },
         }
-        // SAFETY: the host wrote a pointer to `len` bytes that stay valid and
-        // unchanged until the value is released, which happens only in Drop.
-        unsafe { core::slice::from_raw_parts(self.raw.ptr, self.raw.len) }
     }
 }
 
 impl Drop for Value {
     fn drop(&mut self) {
-        // SAFETY: the value came from this host's cache_get and is released
-        // exactly once, here.
-        unsafe { (self.host.value_release)(self.host.ctx, &mut self.raw) }
+        if let Repr::Lent { raw, host } = &mut self.repr {
+            if !raw.lease.is_null() {
+                // SAFETY: the value came from this host and is released
+                // exactly once, here.
+                unsafe { (host.value_release)(host.ctx, raw) }
+            }
+        }
     }
 }
 
 impl core::fmt::Debug for Value {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.debug_tuple("Value").field(&&**self).finish()
+    }
+}
+
+/// Whether the host's table has the function at `offset` (tables of older
+/// hosts end earlier; `size` says where).
+fn has(host: &KwHostApi, offset: usize) -> bool {
+    host.size as usize >= offset + core::mem::size_of::<usize>()
+}
+
+/// A host cache reached through a handle resolved once per generation: the
+/// fast way to use a cache from a `static`.
+///
+/// [`host_cache_get`] and friends find the cache by name on every call; a
+/// `HostCache` resolves the name on first use and keeps the handle (each
+/// generation is a fresh copy of the library, so of the static too), and
+/// copies values of up to 64 bytes out instead of lending them. `#[memo]`
+/// uses one per function. Outside a host it behaves like the by-name
+/// functions: every lookup misses and a put fails.
+///
+/// ```
+/// use keepwarm_api::HostCache;
+/// static SQUARES: HostCache = HostCache::new("square");
+///
+/// let key = 12u64.to_le_bytes();
+/// if SQUARES.get(&key).is_none() {
+///     let _ = SQUARES.put(&key, &144u64.to_le_bytes()); // Err outside a host
+/// }
+/// assert_eq!(SQUARES.name(), "square");
+/// ```
+pub struct HostCache {
+    name: &'static str,
+    handle: AtomicPtr<c_void>,
+}
+
+impl HostCache {
+    /// The cache named `name`; nothing is resolved until first use.
+    pub const fn new(name: &'static str) -> HostCache {
+        HostCache {
+            name,
+            handle: AtomicPtr::new(core::ptr::null_mut()),
+        }
+    }
+
+    /// The cache's name.
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+
+    /// The handle, resolved on first use; `None` on a host without handles
+    /// (the callers then go by name).
+    fn handle(&self, host: &'static KwHostApi) -> Option<KwCacheHandle> {
+        let h = self.handle.load(Ordering::Acquire);
+        if !h.is_null() {
+            return Some(h);
+        }
+        if !has(
+            host,
+            core::mem::offset_of!(KwHostApi, cache_get_or_compute_into),
+        ) {
+            return None;
+        }
+        let mut out: KwCacheHandle = core::ptr::null();
+        // SAFETY: the table is valid and has cache_open (checked above); the
+        // name borrows static data; `out` is a valid out-pointer.
+        let status = unsafe { (host.cache_open)(host.ctx, KwSlice::from_str(self.name), &mut out) };
+        if status != abi::KW_OK || out.is_null() {
+            return None;
+        }
+        // Two threads may both resolve: the host gives both the same handle.
+        self.handle.store(out as *mut c_void, Ordering::Release);
+        Some(out)
+    }
+
+    /// Looks `key` up; `None` on a miss, or when not running inside a host.
+    pub fn get(&self, key: &[u8]) -> Option<Value> {
+        let host = host()?;
+        let Some(handle) = self.handle(host) else {
+            return host_cache_get(self.name, key);
+        };
+        let mut buf = [MaybeUninit::<u8>::uninit(); INLINE];
+        let raw = get_into(host, handle, key, &mut buf)?;
+        Some(Value::from_into(raw, buf, host))
+    }
+
+    /// Looks `key` up and runs `f` on the value's bytes; `None` on a miss,
+    /// or when not running inside a host.
+    ///
+    /// The fastest way to read a hit: a value of up to 2 KiB is copied into a
+    /// buffer on this stack frame (one call into the host, no reference count
+    /// touched), a larger one is lent for the duration of `f`. No host lock
+    /// is held while `f` runs.
+    ///
+    /// ```
+    /// use keepwarm_api::HostCache;
+    /// static SQUARES: HostCache = HostCache::new("square");
+    /// let len = SQUARES.get_with(&12u64.to_le_bytes(), |bytes| bytes.len());
+    /// assert_eq!(len, None); // no host in a doc test
+    /// ```
+    pub fn get_with<R>(&self, key: &[u8], f: impl FnOnce(&[u8]) -> R) -> Option<R> {
+        const CAP: usize = 2048;
+        let host = host()?;
+        let Some(handle) = self.handle(host) else {
+            return host_cache_get(self.name, key).map(|v| f(&v));
+        };
+        let mut buf = [MaybeUninit::<u8>::uninit(); CAP];
+        let raw = get_into(host, handle, key, &mut buf)?;
+        if raw.lease.is_null() {
+            // SAFETY: the host copied `raw.len` (<= CAP) bytes into `buf`.
+            let bytes =
+                unsafe { core::slice::from_raw_parts(buf.as_ptr().cast(), raw.len.min(CAP)) };
+            return Some(f(bytes));
+        }
+        let value = Value::lent(raw, host); // released when this returns
+        Some(f(&value))
+    }
+
+    /// Stores a copy of `value` under `key`.
+    pub fn put(&self, key: &[u8], value: &[u8]) -> Result<(), Error> {
+        let host = host().ok_or_else(Error::no_host)?;
+        let Some(handle) = self.handle(host) else {
+            return host_cache_put(self.name, key, value);
+        };
+        // SAFETY: as in `get`.
+        let status = unsafe {
+            (host.cache_put_handle)(
+                host.ctx,
+                handle,
+                KwSlice::from_bytes(key),
+                KwSlice::from_bytes(value),
+            )
+        };
+        Error::check(status, || format!("host_cache_put({:?})", self.name))
+    }
+
+    /// Drops every entry of the cache.
+    pub fn reset(&self) -> Result<(), Error> {
+        host_cache_reset(self.name)
+    }
+}
+
+/// `cache_get_into` with `buf` as the copy-out buffer; the value on a hit.
+/// `handle` must come from [`HostCache::handle`] on this `host`.
+#[inline]
+fn get_into(
+    host: &'static KwHostApi,
+    handle: KwCacheHandle,
+    key: &[u8],
+    buf: &mut [MaybeUninit<u8>],
+) -> Option<KwValue> {
+    let mut raw = KwValue::empty();
+    // SAFETY: the table has the function (`HostCache::handle` checked its
+    // size) and the handle is this table's; `buf` has buf.len() writable
+    // bytes; `raw` is a valid out-pointer; the key borrows live data.
+    let status = unsafe {
+        (host.cache_get_into)(
+            host.ctx,
+            handle,
+            KwSlice::from_bytes(key),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            &mut raw,
+        )
+    };
+    (status == abi::KW_OK).then_some(raw)
+}
+
+impl core::fmt::Debug for HostCache {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("HostCache")
+            .field("name", &self.name)
+            .finish()
+    }
+}
+
+/// Which cache a memoized call uses.
+#[doc(hidden)]
+#[derive(Clone, Copy, Debug)]
+pub enum Target<'a> {
+    /// Found by name on every call (`cached`).
+    Name(&'a str),
+    /// Through a handle (`#[memo]`'s per-function static).
+    Static(&'static HostCache),
+}
+
+impl Target<'_> {
+    /// The cache's name.
+    pub fn name(&self) -> &str {
+        match self {
+            Target::Name(n) => n,
+            Target::Static(c) => c.name,
+        }
     }
 }
 
@@ -95,7 +338,7 @@ pub enum Flown {
 /// (the caller then computes) on a host table without it.
 #[doc(hidden)]
 pub fn get_or_compute(
-    cache: &str,
+    cache: Target<'_>,
     key: &[u8],
     user: *mut core::ffi::c_void,
     call: unsafe extern "C" fn(*mut core::ffi::c_void, *mut KwOutput) -> KwStatus,
@@ -103,31 +346,50 @@ pub fn get_or_compute(
     let Some(host) = host() else {
         return Flown::NoHost;
     };
-    let has_it = host.size as usize
-        >= core::mem::offset_of!(KwHostApi, cache_get_or_compute) + core::mem::size_of::<usize>();
-    if !has_it {
-        return host_cache_get(cache, key).map_or(Flown::Failed, Flown::Value);
-    }
+    let handle = match cache {
+        Target::Static(c) => c.handle(host),
+        Target::Name(_) => None,
+    };
+    let compute = KwCompute { user, call };
     let mut raw = KwValue::empty();
-    // SAFETY: the table is valid and large enough (checked above); the
-    // slices borrow live data for the call; `user` and `call` are the
-    // caller's matching state and computation.
-    let status = unsafe {
-        (host.cache_get_or_compute)(
-            host.ctx,
-            KwSlice::from_str(cache),
-            KwSlice::from_bytes(key),
-            KwCompute { user, call },
-            &mut raw,
-        )
+    let mut buf = [MaybeUninit::<u8>::uninit(); INLINE];
+    let status = if let Some(handle) = handle {
+        // SAFETY: the table has the function (`handle` checked); the handle
+        // is this table's; `buf` has INLINE writable bytes; the key borrows
+        // live data; `user` and `call` are the caller's matching state and
+        // computation.
+        unsafe {
+            (host.cache_get_or_compute_into)(
+                host.ctx,
+                handle,
+                KwSlice::from_bytes(key),
+                compute,
+                buf.as_mut_ptr().cast(),
+                INLINE,
+                &mut raw,
+            )
+        }
+    } else if has(host, core::mem::offset_of!(KwHostApi, cache_get_or_compute)) {
+        // SAFETY: as above, by name.
+        unsafe {
+            (host.cache_get_or_compute)(
+                host.ctx,
+                KwSlice::from_str(cache.name()),
+                KwSlice::from_bytes(key),
+                compute,
+                &mut raw,
+            )
+        }
+    } else {
+        return host_cache_get(cache.name(), key).map_or(Flown::Failed, Flown::Value);
     };
     match status {
-        abi::KW_OK => Flown::Value(Value { raw, host }),
+        abi::KW_OK => Flown::Value(Value::from_into(raw, buf, host)),
         abi::KW_CYCLE => Flown::Cycle,
         abi::KW_INVALID_ARGUMENT => Flown::Failed,
         // A failure still lends the message: give it back.
         _ => {
-            drop(Value { raw, host });
+            drop(Value::from_into(raw, buf, host));
             Flown::Failed
         }
     }
@@ -153,7 +415,7 @@ pub fn host_cache_get(cache: &str, key: &[u8]) -> Option<Value> {
             &mut raw,
         )
     };
-    (status == abi::KW_OK).then_some(Value { raw, host })
+    (status == abi::KW_OK).then(|| Value::lent(raw, host))
 }
 
 /// Stores a copy of `value` under `key` in the host cache named `cache`.

@@ -61,7 +61,9 @@ mod host;
 pub mod plugin;
 
 pub use error::Error;
-pub use host::{generation, host_cache_get, host_cache_put, host_cache_reset, log_line, Value};
+pub use host::{
+    generation, host_cache_get, host_cache_put, host_cache_reset, log_line, HostCache, Value,
+};
 pub use plugin::{cache, cached, ffi_boundary, panic_message, Args};
 
 /// The name of the symbol every plugin exports; it returns the plugin's
@@ -125,7 +127,7 @@ pub use keepwarm_macros::export;
 
 #[doc(hidden)]
 pub mod __private {
-    pub use crate::host::install;
+    pub use crate::host::{install, Target};
     pub use crate::plugin::{
         assert_key, assert_value, cached_key, call_json, encode_key, on_load, on_unload,
     };

@@ -150,7 +150,7 @@ where
     V: Serialize + DeserializeOwned,
     F: FnOnce() -> V,
 {
-    cached_key(cache, encode_key(key), compute)
+    cached_key(crate::host::Target::Name(cache), encode_key(key), compute)
 }
 
 /// Encodes a memo key (postcard); `None` for a key serde refuses.
@@ -169,7 +169,7 @@ pub fn assert_value<V: Serialize + DeserializeOwned>() {}
 
 /// [`cached`] with the key already encoded (what `#[memo]` expands to).
 #[doc(hidden)]
-pub fn cached_key<V, F>(cache: &str, key: Option<Vec<u8>>, compute: F) -> V
+pub fn cached_key<V, F>(cache: crate::host::Target<'_>, key: Option<Vec<u8>>, compute: F) -> V
 where
     V: Serialize + DeserializeOwned,
     F: FnOnce() -> V,
@@ -201,7 +201,10 @@ where
             }
         }
         crate::host::Flown::Cycle => {
-            panic!("memoization cycle in cache `{cache}`: computing a key needs the same key")
+            panic!(
+                "memoization cycle in cache `{}`: computing a key needs the same key",
+                cache.name()
+            )
         }
         crate::host::Flown::NoHost | crate::host::Flown::Failed => {}
     }
@@ -209,7 +212,11 @@ where
     let compute = state.compute.take().expect("not computed yet");
     let value = compute();
     if let Some(bytes) = encode(&value) {
-        if let Err(e) = crate::host_cache_put(cache, &key_bytes, &bytes) {
+        let stored = match cache {
+            crate::host::Target::Static(c) => c.put(&key_bytes, &bytes),
+            crate::host::Target::Name(name) => crate::host_cache_put(name, &key_bytes, &bytes),
+        };
+        if let Err(e) = stored {
             crate::log_line(abi::KW_LOG_DEBUG, &format!("not cached: {e}"));
         }
     }

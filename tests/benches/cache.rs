@@ -96,20 +96,25 @@ fn hits(c: &mut Criterion) {
                 black_box(v.len() as u64 + u64::from(v[0]))
             })
         });
-        g.bench_function(BenchmarkId::new("b_host_cache_get", name), |b| {
-            b.iter_custom(|iters| {
-                let start = Instant::now();
-                call(&host, "get_loop", json!([cache, klen, iters]));
-                start.elapsed()
-            })
-        });
+        for (row, by_handle) in [
+            ("b_host_cache_get_by_name", false),
+            ("b_host_cache_handle", true),
+        ] {
+            g.bench_function(BenchmarkId::new(row, name), |b| {
+                b.iter_custom(|iters| {
+                    let start = Instant::now();
+                    call(&host, "get_loop", json!([cache, klen, iters, by_handle]));
+                    start.elapsed()
+                })
+            });
+        }
         for threads in [1usize, 2] {
             g.bench_function(
                 BenchmarkId::new(format!("e_{threads}_threads_one_cache"), name),
                 |b| {
                     b.iter_custom(|iters| {
                         on_threads(threads, iters, |_, n| {
-                            call(&host, "get_loop", json!([cache, klen, n]));
+                            call(&host, "get_loop", json!([cache, klen, n, true]));
                         })
                     })
                 },
@@ -121,7 +126,7 @@ fn hits(c: &mut Criterion) {
             b.iter_custom(|iters| {
                 on_threads(2, iters, |t, n| {
                     let c = if t == 0 { &cache } else { &other };
-                    call(&host, "get_loop", json!([c, klen, n]));
+                    call(&host, "get_loop", json!([c, klen, n, true]));
                 })
             })
         });
@@ -181,17 +186,26 @@ fn evicting_puts(c: &mut Criterion) {
         call(
             &host,
             "put_loop",
-            json!([cache, klen, vlen, 0, EVICT_CAPACITY]),
+            json!([cache, klen, vlen, 0, EVICT_CAPACITY, true]),
         );
         let mut next = EVICT_CAPACITY as u64;
-        g.bench_function(BenchmarkId::new("d_host_cache_put", name), |b| {
-            b.iter_custom(|iters| {
-                let start = Instant::now();
-                call(&host, "put_loop", json!([cache, klen, vlen, next, iters]));
-                next += iters;
-                start.elapsed()
-            })
-        });
+        for (row, by_handle) in [
+            ("d_host_cache_put_by_name", false),
+            ("d_host_cache_handle_put", true),
+        ] {
+            g.bench_function(BenchmarkId::new(row, name), |b| {
+                b.iter_custom(|iters| {
+                    let start = Instant::now();
+                    call(
+                        &host,
+                        "put_loop",
+                        json!([cache, klen, vlen, next, iters, by_handle]),
+                    );
+                    next += iters;
+                    start.elapsed()
+                })
+            });
+        }
         let floor = floor(klen, vlen, Some(EVICT_CAPACITY));
         for i in 1..EVICT_CAPACITY as u64 {
             floor

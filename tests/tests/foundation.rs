@@ -147,6 +147,8 @@ fn c_plugin_round_trips_through_host_cache() {
     assert_eq!(host.call("recall", &[]), serde_json::Value::Null);
     assert_eq!(host.call("remember", &["42", "x"]), true);
     assert_eq!(host.call("recall", &[]), serde_json::json!([42, "x"]));
+    // Through a handle: 10 bytes fit the plugin's 16-byte buffer (copied)...
+    assert_eq!(host.call("recall_fast", &[]), serde_json::json!([42, "x"]));
     let memory = &host.stats()["c_memory"];
     assert_eq!(
         (
@@ -154,8 +156,13 @@ fn c_plugin_round_trips_through_host_cache() {
             memory["hits"].as_u64(),
             memory["capacity"].as_u64()
         ),
-        (Some(1), Some(1), Some(16))
+        (Some(1), Some(2), Some(16))
     );
+    // ...a longer value does not (lent, then released).
+    let long = "x".repeat(100);
+    assert_eq!(host.call("remember", &[&long]), true);
+    assert_eq!(host.call("recall_fast", &[]), serde_json::json!([long]));
     assert_eq!(host.call("forget", &[]), true);
     assert_eq!(host.call("recall", &[]), serde_json::Value::Null);
+    assert_eq!(host.call("recall_fast", &[]), serde_json::Value::Null);
 }

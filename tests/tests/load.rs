@@ -220,11 +220,17 @@ fn contended_cache_figures_stay_consistent() {
     host.reload(false).unwrap();
     const THREADS: u64 = 8;
     const ROUNDS: u64 = 5_000;
+    // Half the threads find the cache by name, half through a handle.
     std::thread::scope(|s| {
-        for _ in 0..THREADS {
-            s.spawn(|| {
-                host.call("hammer", &["contended".into(), 100.into(), ROUNDS.into()])
-                    .unwrap()
+        for t in 0..THREADS {
+            let host = &host;
+            s.spawn(move || {
+                if t % 2 == 0 {
+                    host.call("hammer", &["contended".into(), 100.into(), ROUNDS.into()])
+                } else {
+                    host.call("hammer_handle", &[100.into(), ROUNDS.into()])
+                }
+                .unwrap()
             });
         }
     });

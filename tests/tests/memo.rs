@@ -192,3 +192,55 @@ fn raw_abi_plugin_caches_by_hand() {
         (Some(1), Some(16), Some(16_000))
     );
 }
+
+/// `HostCache` handles (`cache_open`, `cache_get_into`, `cache_put_handle`)
+/// through a real loaded plugin: small values copied out, large ones lent,
+/// every lookup counted once, resets seen, and entries kept across a reload
+/// (whose generation opens its own handle).
+#[test]
+fn cache_handles_copy_small_values_lend_large_ones_and_survive_reloads() {
+    use keepwarm::{Config, Host};
+    use serde_json::{json, Value};
+
+    let host = Host::new(Config::new(built_library("faults"))).unwrap();
+    host.reload(false).unwrap();
+    let call = |f: &str, args: Value| host.call(f, args.as_array().unwrap()).unwrap();
+    // 8 bytes (fits the 64-byte inline buffer), 1,000 (fits get_with's 2 KiB
+    // buffer, not Value's), 100,000 (lent by both).
+    let sizes = [(1u64, 8u64), (2, 1_000), (3, 100_000)];
+    for (key, len) in sizes {
+        let digest = call("handled_put", json!([key, len]));
+        assert_eq!(digest[0], len);
+        assert_eq!(
+            call("handled_get", json!([key])),
+            digest,
+            "get, {len} bytes"
+        );
+        assert_eq!(
+            call("handled_get_with", json!([key])),
+            digest,
+            "get_with, {len} bytes"
+        );
+    }
+    assert_eq!(call("handled_get", json!([9])), Value::Null);
+    assert_eq!(call("handled_get_with", json!([9])), Value::Null);
+    let figures = |h: &Host| h.stats(Some("handled")).unwrap()[0].clone();
+    let s = figures(&host);
+    assert_eq!(
+        (s.entries, s.hits, s.misses, s.inserts, s.bytes),
+        (3, 6, 2, 3, 3 * 8 + 8 + 1_000 + 100_000),
+        "{s:?}"
+    );
+
+    // A reload keeps every entry; the new generation resolves its own handle.
+    host.reload(true).unwrap();
+    assert_eq!(host.current().unwrap().number, 2);
+    assert_eq!(call("handled_get_with", json!([2]))[0], 1_000);
+    assert_eq!(call("handled_get", json!([3]))[0], 100_000);
+
+    // A reset (as `keepwarm reset handled` does) is seen through the handle.
+    assert_eq!(host.reset("handled"), Some(3));
+    assert_eq!(call("handled_get", json!([1])), Value::Null);
+    assert_eq!(call("handled_get_with", json!([2])), Value::Null);
+    assert_eq!(figures(&host).entries, 0);
+}

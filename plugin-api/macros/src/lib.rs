@@ -146,10 +146,15 @@ pub fn memo(attr: TokenStream, item: TokenStream) -> TokenStream {
                 .max_entries(#max_entries)
                 .max_bytes(#max_bytes)
                 .code_hash(#code_hash);
+            static __KW_MEMO_HANDLE: ::keepwarm_api::HostCache = ::keepwarm_api::HostCache::new(#cache);
             #(#checks)*
             #ret_check
             let __kw_key = ::keepwarm_api::__private::encode_key(&(#(&#names,)*));
-            ::keepwarm_api::__private::cached_key(#cache, __kw_key, move || -> #ret #block)
+            ::keepwarm_api::__private::cached_key(
+                ::keepwarm_api::__private::Target::Static(&__KW_MEMO_HANDLE),
+                __kw_key,
+                move || -> #ret #block,
+            )
         }
     }
     .into()
