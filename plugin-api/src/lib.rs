@@ -6,7 +6,8 @@
 //!   `include/keepwarm.h` is generated from it for C plugins.
 //! - [`host_cache_get`], [`host_cache_put`], [`host_cache_reset`] and
 //!   [`log!`] are safe wrappers around the table of host functions the plugin
-//!   receives at load.
+//!   receives at load; a [`HostCache`] static reaches one cache through a
+//!   handle resolved once per generation (the fast path, which `#[memo]` uses).
 //! - [`memo`] and [`export`] turn ordinary functions into memoized and
 //!   callable ones; [`cached`] memoizes any computation in a named host cache.
 //! - [`plugin!`] declares the plugin (its functions, caches and hooks) and

@@ -215,4 +215,110 @@ mod tests {
         let e = parse_request(br#"{"v":9,"cmd":"status"}"#).unwrap_err();
         assert_eq!(e.error.unwrap().code, ErrorCode::UnsupportedVersion);
     }
+
+    mod properties {
+        //! Property tests over the request parser: whatever a client sends,
+        //! the parser answers (never panics), an error is a one-line JSON
+        //! response that says what is wrong, and every well-formed request
+        //! survives a round trip.
+
+        use super::super::*;
+        use proptest::prelude::*;
+
+        /// Asserts what every refusal must be: a bad_request or
+        /// unsupported_version response with a message, one line of JSON.
+        fn assert_clear_refusal(response: &Response) {
+            let error = response.error.as_ref().expect("a refusal carries an error");
+            assert!(!response.ok && response.result.is_none());
+            assert!(matches!(
+                error.code,
+                ErrorCode::BadRequest | ErrorCode::UnsupportedVersion
+            ));
+            assert!(!error.message.is_empty());
+            let line = serde_json::to_string(response).unwrap();
+            assert!(!line.contains('\n'), "one response per line: {line}");
+        }
+
+        fn json_value() -> impl Strategy<Value = serde_json::Value> {
+            let leaf = prop_oneof![
+                Just(serde_json::Value::Null),
+                any::<bool>().prop_map(serde_json::Value::from),
+                any::<i64>().prop_map(serde_json::Value::from),
+                any::<u64>().prop_map(serde_json::Value::from),
+                ".{0,12}".prop_map(serde_json::Value::from),
+            ];
+            leaf.prop_recursive(3, 24, 4, |inner| {
+                prop_oneof![
+                    prop::collection::vec(inner.clone(), 0..4).prop_map(serde_json::Value::from),
+                    prop::collection::btree_map(".{0,6}", inner, 0..4)
+                        .prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
+                ]
+            })
+        }
+
+        fn request() -> impl Strategy<Value = Request> {
+            let v = prop::option::of(Just(PROTOCOL_VERSION));
+            prop_oneof![
+                (
+                    v.clone(),
+                    ".{0,16}",
+                    prop::collection::vec(json_value(), 0..4)
+                )
+                    .prop_map(|(v, function, args)| Request::Call {
+                        v,
+                        function,
+                        args
+                    }),
+                (v.clone(), prop::option::of(".{0,16}"), any::<bool>())
+                    .prop_map(|(v, cache, all)| Request::Reset { v, cache, all }),
+                (v.clone(), prop::option::of(".{0,16}"))
+                    .prop_map(|(v, cache)| Request::Stats { v, cache }),
+                v.clone().prop_map(|v| Request::Status { v }),
+                v.prop_map(|v| Request::Reload { v }),
+            ]
+        }
+
+        proptest! {
+            #[test]
+            fn arbitrary_bytes_get_an_answer(line in prop::collection::vec(any::<u8>(), 0..256)) {
+                if let Err(response) = parse_request(&line) {
+                    assert_clear_refusal(&response);
+                }
+            }
+
+            #[test]
+            fn well_formed_requests_round_trip(request in request()) {
+                let line = serde_json::to_vec(&request).unwrap();
+                prop_assert_eq!(parse_request(&line).unwrap(), request);
+            }
+
+            #[test]
+            fn damaged_requests_are_refused_clearly(
+                request in request(),
+                cut in any::<prop::sample::Index>(),
+                flip in any::<prop::sample::Index>(),
+                byte in any::<u8>(),
+            ) {
+                let mut line = serde_json::to_vec(&request).unwrap();
+                let at = flip.index(line.len());
+                line[at] = byte;
+                line.truncate(cut.index(line.len() + 1));
+                // A damaged line may still parse (a changed letter inside a
+                // string); when it does not, the refusal must be clear.
+                if let Err(response) = parse_request(&line) {
+                    assert_clear_refusal(&response);
+                }
+            }
+
+            #[test]
+            fn other_versions_are_named_in_the_refusal(v in 2u32.., request in request()) {
+                let mut value = serde_json::to_value(&request).unwrap();
+                value["v"] = v.into();
+                let response = parse_request(&serde_json::to_vec(&value).unwrap()).unwrap_err();
+                let error = response.error.unwrap();
+                prop_assert_eq!(error.code, ErrorCode::UnsupportedVersion);
+                prop_assert!(error.message.contains(&v.to_string()));
+            }
+        }
+    }
 }
