@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 use crate::cache::{Bounds, CacheStats};
+use crate::control::commands::entries;
 use crate::control::protocol::{ErrorCode, Request, Response};
 use crate::host::Status;
 
@@ -201,8 +202,8 @@ impl ControlCommand {
             ControlCommand::Reset { .. } => {
                 let dropped = result.get("dropped").and_then(|d| d.as_u64()).unwrap_or(0);
                 match result.get("cache").and_then(|c| c.as_str()) {
-                    Some(name) => format!("reset {name}: {dropped} entries dropped"),
-                    None => format!("reset all caches: {dropped} entries dropped"),
+                    Some(name) => format!("reset {name}: {} dropped", entries(dropped)),
+                    None => format!("reset all caches: {} dropped", entries(dropped)),
                 }
             }
             ControlCommand::Reload => match result.get("generation") {

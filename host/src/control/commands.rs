@@ -55,19 +55,30 @@ fn unknown_cache(host: &Host, name: &str) -> Response {
     )
 }
 
+/// "1 entry", "2 entries".
+pub fn entries(n: u64) -> String {
+    if n == 1 {
+        "1 entry".to_owned()
+    } else {
+        format!("{n} entries")
+    }
+}
+
 fn reset(host: &Host, cache: Option<&str>, all: bool) -> Response {
     match (cache, all) {
         (None, true) => {
             let dropped = host.reset_all();
             host.print(&format!(
-                "keepwarm: reset all caches ({dropped} entries dropped)"
+                "keepwarm: reset all caches ({} dropped)",
+                entries(dropped)
             ));
             Response::ok(json!({ "dropped": dropped }))
         }
         (Some(name), false) => match host.reset(name) {
             Some(dropped) => {
                 host.print(&format!(
-                    "keepwarm: reset cache {name} ({dropped} entries dropped)"
+                    "keepwarm: reset cache {name} ({} dropped)",
+                    entries(dropped)
                 ));
                 Response::ok(json!({ "cache": name, "dropped": dropped }))
             }

@@ -2,7 +2,7 @@
 //! the client the CLI uses, and one handler per command.
 
 pub mod client;
-mod commands;
+pub(crate) mod commands;
 pub mod protocol;
 pub mod server;
 
