@@ -3,6 +3,7 @@
 //! function and cache names.
 
 use std::borrow::Cow;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use clap::Parser;
@@ -129,7 +130,20 @@ pub fn run_line(host: &Host, line: &str) -> bool {
         Ok(Line::Control(command)) => {
             let response = crate::control::handle(host, command.to_request());
             let rendered = command.render(&response);
-            if !rendered.stdout.is_empty() {
+            // A reset or a reload already printed the host's own line
+            // ("keepwarm: reset cache square (1 entry dropped)", "keepwarm:
+            // generation 2 reloaded in ..."): do not say it twice.
+            let loaded = response
+                .result
+                .as_ref()
+                .is_some_and(|r| r.get("generation").is_some());
+            let said = response.ok
+                && match command {
+                    ControlCommand::Reset { .. } => true,
+                    ControlCommand::Reload => loaded,
+                    _ => false,
+                };
+            if !rendered.stdout.is_empty() && !said {
                 println!("{}", rendered.stdout);
             }
             if !rendered.stderr.is_empty() {
@@ -150,12 +164,20 @@ pub fn run(host: Arc<Host>) -> anyhow::Result<()> {
     editor.set_helper(Some(Completion {
         host: Arc::clone(&host),
     }));
-    // Host lines (reloads, plugin logs) are printed above the input line
-    // instead of through it.
+    // Host lines (reloads, plugin logs) that arrive while the user types
+    // are printed above the input line instead of through it. Lines printed
+    // while a command runs (a plugin's log during `call`) go straight out, so
+    // they come before the command's result, in order.
+    let reading = Arc::new(AtomicBool::new(false));
     if let Ok(printer) = editor.create_external_printer() {
         let printer = Mutex::new(printer);
+        let reading = Arc::clone(&reading);
         host.set_printer(Arc::new(move |line: &str| {
-            let _ = printer.lock().print(format!("{line}\n"));
+            if reading.load(Ordering::SeqCst) {
+                let _ = printer.lock().print(format!("{line}\n"));
+            } else {
+                println!("{line}");
+            }
         }));
     }
     let history = history_path();
@@ -164,7 +186,10 @@ pub fn run(host: Arc<Host>) -> anyhow::Result<()> {
     }
     println!("type `help` for commands, Tab to complete, Ctrl-D to quit");
     loop {
-        match editor.readline("keepwarm> ") {
+        reading.store(true, Ordering::SeqCst);
+        let line = editor.readline("keepwarm> ");
+        reading.store(false, Ordering::SeqCst);
+        match line {
             Ok(line) => {
                 if !line.trim().is_empty() {
                     let _ = editor.add_history_entry(line.as_str());

@@ -39,6 +39,9 @@ command(b"20\r", b"6765")
 command(b"rel\t\r", b"generation 2")           # completes the command: reload
 command(b"help\r", b"Call an exported plugin function")
 command(b"stats\r", b"evictions")
+command(b"reset square\r", b"entry dropped")
+command(b"call square 10\r", b"[gen 2] Squaring 10")
+read_until(b"[gen 2] Squaring 10\r\n100")
 command(b"quit\r", b"")
 os.waitpid(pid, 0)
 try:
@@ -87,6 +90,26 @@ fn the_prompt_runs_commands_completes_names_and_quits() {
             "missing {expected:?} in:\n{screen}"
         );
     }
+    // A plugin's log line comes before the call's result, not after it or
+    // on the next prompt line.
+    let first = screen.find("[gen 1] Squaring 10").unwrap();
+    assert!(
+        screen[first..]
+            .trim_start_matches("[gen 1] Squaring 10")
+            .trim_start()
+            .starts_with("100"),
+        "the log line precedes the result:\n{screen}"
+    );
+    // A reset or a reload at the prompt is said once, by the host's own line.
+    assert_eq!(
+        screen.matches("entry dropped").count(),
+        1,
+        "one line per reset:\n{screen}"
+    );
+    assert!(
+        !screen.contains("generation 2 loaded"),
+        "one line per reload:\n{screen}"
+    );
     assert!(
         !dir.path().join("prompt.sock").exists(),
         "quit removes the socket"
