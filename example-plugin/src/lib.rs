@@ -11,7 +11,8 @@
 //! ```
 //! // Outside a host the functions still compute (nothing is cached, so keep
 //! // fib small here; inside a host fib(90) takes 91 cached steps):
-//! assert_eq!(example_plugin::fib(30), 832040);
+//! assert_eq!(example_plugin::fib(30), Ok(832040));
+//! assert!(example_plugin::fib(94).is_err()); // past u64: an error, not a wrapped number
 //! assert_eq!(example_plugin::count_primes(100), Ok(25));
 //! ```
 
@@ -30,20 +31,21 @@ pub fn version() -> &'static str {
 /// `Squaring x`.
 #[export]
 #[memo(max_entries = 100_000)]
-pub fn square(x: u64) -> u64 {
+pub fn square(x: u64) -> Result<u64, String> {
     log!("Squaring {x}");
-    x * x
+    x.checked_mul(x)
+        .ok_or_else(|| format!("square({x}) overflows u64: x must be below 2^32"))
 }
 
 /// `fib(n)`: the n-th Fibonacci number, memoized recursively in the cache
 /// `fib`: on a cold cache each n is computed once (`fib(90)`: 91 misses).
 #[export]
 #[memo(max_entries = 1_000)]
-pub fn fib(n: u64) -> u64 {
-    if n < 2 {
-        n
-    } else {
-        fib(n - 1) + fib(n - 2)
+pub fn fib(n: u64) -> Result<u64, String> {
+    match n {
+        0 | 1 => Ok(n),
+        94.. => Err(format!("fib({n}) overflows u64: n must be at most 93")),
+        _ => Ok(fib(n - 1)? + fib(n - 2)?),
     }
 }
 
@@ -82,8 +84,10 @@ mod tests {
 
     #[test]
     fn computes_without_a_host() {
-        assert_eq!(square(10), 100);
-        assert_eq!(fib(25), 75025);
+        assert_eq!(square(10), Ok(100));
+        assert!(square(1 << 32).is_err());
+        assert_eq!(fib(25), Ok(75025));
+        assert!(fib(94).is_err());
         assert_eq!(count_primes(100), Ok(25));
         assert_eq!(count_primes(2), Ok(0));
         assert_eq!(count_primes(3), Ok(1));

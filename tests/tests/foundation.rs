@@ -77,6 +77,15 @@ fn fib_90_is_memoized_recursively() {
     );
     assert_eq!(host.call("count_primes", &["1000000"]), 78498);
     assert_eq!(host.call("count_primes", &["100"]), 25);
+    // Past u64: a clear error (exit 1), not a wrapped number or a panic.
+    for (f, arg, says) in [
+        ("fib", "94", "n must be at most 93"),
+        ("square", "4294967296", "x must be below 2^32"),
+    ] {
+        let out = host.cli(&["call", f, arg]);
+        assert_eq!(out.status, Some(1), "{out:?}");
+        assert!(out.stderr.contains(says), "{out:?}");
+    }
 }
 
 #[test]
