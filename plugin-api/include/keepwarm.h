@@ -4,7 +4,9 @@
  * A C plugin exports `const KwPlugin *keepwarm_plugin(void)`, returning its
  * descriptor. The host calls its on_load hook with the host table; keep it in
  * `keepwarm_host` (define it once with KEEPWARM_DEFINE_HOST) and call
- * host_cache_get / host_cache_put / host_cache_reset / host_log below.
+ * host_cache_get / host_cache_put / host_cache_reset / host_log below, or,
+ * in hot code, host_cache_open once and host_cache_get_into /
+ * host_cache_put_handle with the handle.
  * See tests/fixtures/c_plugin/plugin.c for a whole plugin.
  */
 
@@ -430,6 +432,31 @@ static inline KwStatus host_cache_put(const char *cache, const void *key, size_t
 /** Drops every entry of the cache named `cache`. */
 static inline KwStatus host_cache_reset(const char *cache) {
   return keepwarm_host->cache_reset(keepwarm_host->ctx, kw_str(cache));
+}
+
+/** Resolves the cache named `cache` to a handle: once per generation (in
+ *  on_load, say), then pass it to the calls below, which skip finding the
+ *  cache by name. NULL on a host whose table has no handles (then use the
+ *  by-name functions above). */
+static inline KwCacheHandle host_cache_open(const char *cache) {
+  KwCacheHandle handle = NULL;
+  if (keepwarm_host->size < offsetof(KwHostApi, cache_get_or_compute_into) + sizeof(void *) ||
+      keepwarm_host->cache_open(keepwarm_host->ctx, kw_str(cache), &handle) != KW_OK) {
+    return NULL;
+  }
+  return handle;
+}
+
+/** host_cache_get through a handle: a value of up to `cap` bytes is copied to
+ *  `buf` (then `out->ptr == buf` and `out->lease == NULL`: nothing to release);
+ *  a larger one is lent: release it with host_value_release. */
+static inline KwStatus host_cache_get_into(KwCacheHandle cache, const void *key, size_t key_len, void *buf, size_t cap, KwValue *out) {
+  return keepwarm_host->cache_get_into(keepwarm_host->ctx, cache, kw_bytes(key, key_len), (uint8_t *)buf, cap, out);
+}
+
+/** host_cache_put through a handle. */
+static inline KwStatus host_cache_put_handle(KwCacheHandle cache, const void *key, size_t key_len, const void *value, size_t value_len) {
+  return keepwarm_host->cache_put_handle(keepwarm_host->ctx, cache, kw_bytes(key, key_len), kw_bytes(value, value_len));
 }
 
 /** Logs one line through the host, tagged with this generation. */
