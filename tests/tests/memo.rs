@@ -134,10 +134,13 @@ fn a_changed_return_type_is_a_miss_not_garbage() {
     // Same cache, same key, a different return type.
     plugin.edit(|src| {
         src.replace(
-            "pub fn square(x: u64) -> u64 {",
+            "pub fn square(x: u64) -> Result<u64, String> {",
             "pub fn square(x: u64) -> String {",
         )
-        .replace("    x * x\n}", "    format!(\"{} squared\", x * x)\n}")
+        .replace(
+            "    x.checked_mul(x)\n        .ok_or_else(|| format!(\"square({x}) overflows u64: x must be below 2^32\"))\n}",
+            "    format!(\"{} squared\", x * x)\n}",
+        )
     });
     plugin.build();
     host.wait_for("generation 2 reloaded");
