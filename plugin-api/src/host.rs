@@ -261,6 +261,30 @@ impl HostCache {
         Error::check(status, || format!("host_cache_put({:?})", self.name))
     }
 
+    /// [`cached`](crate::cached) on this cache: memoizes `compute` under
+    /// `key` (postcard-encoded), with the host's single flight, through the
+    /// handle. What `#[memo]` expands to.
+    ///
+    /// ```
+    /// use keepwarm_api::HostCache;
+    /// static SQUARES: HostCache = HostCache::new("square");
+    ///
+    /// let x = 12u64;
+    /// assert_eq!(SQUARES.cached(&x, || x * x), 144); // computed: no host here
+    /// ```
+    pub fn cached<K, V, F>(&'static self, key: &K, compute: F) -> V
+    where
+        K: serde::Serialize + ?Sized,
+        V: serde::Serialize + serde::de::DeserializeOwned,
+        F: FnOnce() -> V,
+    {
+        crate::plugin::cached_key(
+            Target::Static(self),
+            crate::plugin::encode_key(key),
+            compute,
+        )
+    }
+
     /// Drops every entry of the cache.
     pub fn reset(&self) -> Result<(), Error> {
         host_cache_reset(self.name)

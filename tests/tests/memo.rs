@@ -235,11 +235,28 @@ fn cache_handles_copy_small_values_lend_large_ones_and_survive_reloads() {
         "{s:?}"
     );
 
+    // HostCache::cached memoizes through the handle: one miss, then hits.
+    for _ in 0..3 {
+        assert_eq!(call("cube", json!([3])), 27);
+    }
+    let cubes = host.stats(Some("cubes")).unwrap()[0].clone();
+    assert_eq!(
+        (cubes.misses, cubes.hits, cubes.entries),
+        (1, 2, 1),
+        "{cubes:?}"
+    );
+
     // A reload keeps every entry; the new generation resolves its own handle.
     host.reload(true).unwrap();
     assert_eq!(host.current().unwrap().number, 2);
     assert_eq!(call("handled_get_with", json!([2]))[0], 1_000);
     assert_eq!(call("handled_get", json!([3]))[0], 100_000);
+    assert_eq!(call("cube", json!([3])), 27);
+    assert_eq!(
+        host.stats(Some("cubes")).unwrap()[0].hits,
+        3,
+        "still cached"
+    );
 
     // A reset (as `keepwarm reset handled` does) is seen through the handle.
     assert_eq!(host.reset("handled"), Some(3));
