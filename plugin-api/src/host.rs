@@ -25,6 +25,13 @@ pub unsafe fn install(host: *const KwHostApi) {
     HOST.store(host as *mut KwHostApi, Ordering::Release);
 }
 
+/// The installed host table, or NULL: for tests that stand in for another
+/// host (a fixture installs a shortened copy to play an older host).
+#[doc(hidden)]
+pub fn installed() -> *const KwHostApi {
+    HOST.load(Ordering::Acquire)
+}
+
 fn host() -> Option<&'static KwHostApi> {
     let ptr = HOST.load(Ordering::Acquire);
     // SAFETY: `install` only stores tables that stay valid while this library

@@ -128,7 +128,7 @@ pub use keepwarm_macros::export;
 
 #[doc(hidden)]
 pub mod __private {
-    pub use crate::host::{install, Target};
+    pub use crate::host::{install, installed, Target};
     pub use crate::plugin::{
         assert_key, assert_value, cached_key, call_json, encode_key, on_load, on_unload,
     };

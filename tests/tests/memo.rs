@@ -258,6 +258,16 @@ fn cache_handles_copy_small_values_lend_large_ones_and_survive_reloads() {
         "still cached"
     );
 
+    // Against a table that ends before cache_open (an older host), the same
+    // calls fall back to finding the cache by name, and still work.
+    assert_eq!(
+        call("as_older_host", json!([41])),
+        json!([42, false]),
+        "answered by name, without touching the functions past the table's size"
+    );
+    let older = host.stats(Some("older")).unwrap()[0].clone();
+    assert_eq!((older.inserts, older.hits), (1, 1), "{older:?}");
+
     // A reset (as `keepwarm reset handled` does) is seen through the handle.
     assert_eq!(host.reset("handled"), Some(3));
     assert_eq!(call("handled_get", json!([1])), Value::Null);
