@@ -285,11 +285,16 @@ unsafe extern "C" fn cache_put_handle(
         if ctx.is_null() {
             return abi::KW_INVALID_ARGUMENT;
         }
-        match cache.put(key, value) {
-            Ok(()) => abi::KW_OK,
-            Err(PutError::TooLarge) => abi::KW_TOO_LARGE,
-        }
+        put_status(cache.put(key, value))
     })
+}
+
+/// The status a put reports to the plugin.
+fn put_status(result: Result<(), PutError>) -> KwStatus {
+    match result {
+        Ok(()) => abi::KW_OK,
+        Err(PutError::TooLarge) => abi::KW_TOO_LARGE,
+    }
 }
 
 /// Runs a plugin's [`KwCompute`] into a byte vector.
@@ -407,11 +412,9 @@ unsafe extern "C" fn cache_put(
         ) else {
             return abi::KW_INVALID_ARGUMENT;
         };
-        match ctx.store.with_cache(cache, |c| c.put(key, value)) {
-            Some(Ok(())) => abi::KW_OK,
-            Some(Err(PutError::TooLarge)) => abi::KW_TOO_LARGE,
-            None => abi::KW_INVALID_ARGUMENT,
-        }
+        ctx.store
+            .with_cache(cache, |c| put_status(c.put(key, value)))
+            .unwrap_or(abi::KW_INVALID_ARGUMENT)
     })
 }
 
