@@ -19,6 +19,10 @@ use serde::Serialize;
 /// Entry bound of a cache that nobody declared or configured.
 pub const DEFAULT_MAX_ENTRIES: usize = 100_000;
 
+/// Byte bound (memory of keys, values and bookkeeping, see
+/// [`entry_bytes`]) of a cache that nobody declared or configured: 256 MiB.
+pub const DEFAULT_MAX_BYTES: u64 = 256 << 20;
+
 /// Bounds of one cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Bounds {
@@ -32,7 +36,7 @@ impl Default for Bounds {
     fn default() -> Self {
         Bounds {
             max_entries: NonZeroUsize::new(DEFAULT_MAX_ENTRIES).unwrap(),
-            max_bytes: None,
+            max_bytes: Some(DEFAULT_MAX_BYTES),
         }
     }
 }
@@ -127,8 +131,21 @@ impl Inner {
     }
 }
 
-fn entry_bytes(key: &[u8], value: &[u8]) -> u64 {
-    (key.len() + value.len()) as u64
+/// The memory one entry costs, as `bytes` in the figures and the byte bound
+/// count it: its key and value, and what holding them takes — each
+/// allocation as glibc's malloc rounds it (an 8-byte header, 16-byte
+/// granules, 32 bytes at least), the value's reference counts, the LRU node,
+/// and the node's slot in the hash table (16 bytes at a load of at most 7/8,
+/// plus its control byte; 32 on average over the table's doublings).
+/// `tests/tests/memory.rs` checks this against the process's real RSS.
+pub fn entry_bytes(key: &[u8], value: &[u8]) -> u64 {
+    fn chunk(n: usize) -> u64 {
+        ((n as u64 + 8).div_ceil(16) * 16).max(32)
+    }
+    // The LRU node: the key's Box (16), the value's Arc (16), two links.
+    const NODE: usize = 48;
+    const SLOT: u64 = 32;
+    chunk(key.len()) + chunk(16 + value.len()) + chunk(NODE) + SLOT
 }
 
 /// A computation in progress for one key: the thread computing it, and
@@ -459,8 +476,12 @@ pub struct Store {
     // Keyed by the name's bytes: the hot path looks names up without
     // validating UTF-8 (the check happens once, when a cache is created).
     caches: ArcSwap<CacheMap>,
-    /// Serializes the creation of caches (copy, insert, swap).
-    creating: Mutex<()>,
+    /// Caches created since the snapshot was last rebuilt. Creating a cache
+    /// inserts here, in O(1); once it holds as many caches as the snapshot
+    /// (16 at least), both are merged into a new snapshot. Each rebuild
+    /// copies n names after n/2 creations: O(1) amortized per creation, where
+    /// copying the whole snapshot at every creation was O(n).
+    recent: Mutex<CacheMap>,
     /// Bounds set by the user (`--cache`); they win over a plugin's declaration.
     overrides: HashMap<String, Bounds>,
 }
@@ -470,14 +491,17 @@ impl Store {
     pub fn with_overrides(overrides: HashMap<String, Bounds>) -> Store {
         Store {
             caches: ArcSwap::default(),
-            creating: Mutex::new(()),
+            recent: Mutex::new(CacheMap::default()),
             overrides,
         }
     }
 
     /// The cache named `name`, if it exists.
     pub fn get(&self, name: &str) -> Option<Arc<Cache>> {
-        self.caches.load().get(name.as_bytes()).cloned()
+        if let Some(c) = self.caches.load().get(name.as_bytes()) {
+            return Some(Arc::clone(c));
+        }
+        self.recent.lock().get(name.as_bytes()).cloned()
     }
 
     /// The cache named `name`, created with the default (or overridden)
@@ -486,16 +510,23 @@ impl Store {
         if let Some(c) = self.caches.load().get(name.as_bytes()) {
             return Arc::clone(c);
         }
-        let _creating = self.creating.lock();
-        let current = self.caches.load_full();
-        if let Some(c) = current.get(name.as_bytes()) {
-            return Arc::clone(c); // created meanwhile
+        let mut recent = self.recent.lock();
+        // Looked up again under the lock: created meanwhile, or merged.
+        if let Some(c) = recent.get(name.as_bytes()) {
+            return Arc::clone(c);
+        }
+        let snapshot = self.caches.load_full();
+        if let Some(c) = snapshot.get(name.as_bytes()) {
+            return Arc::clone(c);
         }
         let bounds = self.overrides.get(name).copied().unwrap_or_default();
         let cache = Arc::new(Cache::new(name, bounds));
-        let mut next = CacheMap::clone(&current);
-        next.insert(Box::from(name.as_bytes()), Arc::clone(&cache));
-        self.caches.store(Arc::new(next));
+        recent.insert(Box::from(name.as_bytes()), Arc::clone(&cache));
+        if recent.len() >= snapshot.len().max(16) {
+            let mut next = CacheMap::clone(&snapshot);
+            next.extend(recent.drain());
+            self.caches.store(Arc::new(next));
+        }
         cache
     }
 
@@ -546,7 +577,10 @@ impl Store {
 
     /// Every cache, sorted by name.
     pub fn all(&self) -> Vec<Arc<Cache>> {
+        let recent = self.recent.lock();
         let mut v: Vec<_> = self.caches.load().values().cloned().collect();
+        v.extend(recent.values().cloned());
+        drop(recent);
         v.sort_by(|a, b| a.name.cmp(&b.name));
         v
     }
@@ -584,14 +618,18 @@ mod tests {
 
     #[test]
     fn byte_bound_evicts_until_it_holds() {
-        let c = Cache::new("t", bounds(100, Some(10)));
-        c.put(b"a", b"1234").unwrap(); // 5 bytes
-        c.put(b"b", b"1234").unwrap(); // 10 bytes
-        c.put(b"c", b"12").unwrap(); // 13 > 10: evicts a
+        let one = entry_bytes(b"a", b"1234");
+        let c = Cache::new("t", bounds(100, Some(2 * one)));
+        c.put(b"a", b"1234").unwrap();
+        c.put(b"b", b"1234").unwrap(); // exactly the bound
+        c.put(b"c", b"12").unwrap(); // over it: evicts a
         let s = c.stats();
-        assert_eq!((s.entries, s.bytes, s.evictions), (2, 8, 1));
+        assert_eq!(
+            (s.entries, s.bytes, s.evictions),
+            (2, one + entry_bytes(b"c", b"12"), 1)
+        );
         assert!(c.get(b"a").is_none());
-        assert_eq!(c.put(b"big", b"123456789"), Err(PutError::TooLarge));
+        assert_eq!(c.put(b"big", &[0; 1000]), Err(PutError::TooLarge));
         assert_eq!(c.stats().entries, 2, "a refused put evicts nothing");
     }
 
@@ -620,9 +658,24 @@ mod tests {
     fn replacing_a_value_keeps_bytes_exact() {
         let c = Cache::new("t", bounds(10, None));
         c.put(b"k", b"12345").unwrap();
-        c.put(b"k", b"1").unwrap();
+        c.put(b"k", &[1; 100]).unwrap();
         let s = c.stats();
-        assert_eq!((s.entries, s.bytes, s.inserts), (1, 2, 2));
+        assert_eq!(
+            (s.entries, s.bytes, s.inserts),
+            (1, entry_bytes(b"k", &[1; 100]), 2)
+        );
+    }
+
+    #[test]
+    fn creating_many_caches_keeps_every_one() {
+        let store = Store::default();
+        for i in 0..1000 {
+            store.cache(&format!("c{i}")).put(b"k", b"v").unwrap();
+        }
+        assert_eq!(store.all().len(), 1000);
+        for i in [0, 15, 16, 17, 500, 999] {
+            assert_eq!(store.get(&format!("c{i}")).unwrap().stats().entries, 1);
+        }
     }
 
     #[test]

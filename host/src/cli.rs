@@ -30,6 +30,15 @@ pub struct Cli {
     /// The control socket of the host to talk to [default: the one running host's socket]
     #[arg(long, global = true, env = "KEEPWARM_SOCKET", value_name = "PATH")]
     pub socket: Option<PathBuf>,
+    /// Seconds a command waits for the host's answer (0: no limit)
+    #[arg(
+        long,
+        global = true,
+        env = "KEEPWARM_TIMEOUT",
+        value_name = "SECS",
+        default_value_t = 60.0
+    )]
+    pub timeout: f64,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -172,12 +181,16 @@ impl ControlCommand {
     pub fn render(&self, response: &Response) -> Rendered {
         if let Some(error) = &response.error {
             let status = match error.code {
-                ErrorCode::BadRequest => EXIT_USAGE,
+                ErrorCode::BadRequest | ErrorCode::UnsupportedVersion => EXIT_USAGE,
                 _ => EXIT_FAILED,
             };
+            let mut stderr = format!("keepwarm: {}", error.message);
+            if error.code == ErrorCode::Busy && !error.message.contains("try again") {
+                stderr.push_str(" (busy: try again)");
+            }
             return Rendered {
                 stdout: String::new(),
-                stderr: format!("keepwarm: {}", error.message),
+                stderr,
                 status,
             };
         }
@@ -304,6 +317,9 @@ pub fn status_text(s: &Status) -> String {
     }
     lines.push(format!("functions:      {}", s.functions.join(", ")));
     lines.push(format!("caches:         {}", s.caches.join(", ")));
+    if let Some(w) = &s.waiting {
+        lines.push(format!("watching:       {w}"));
+    }
     lines.push(format!("failed reloads: {}", s.failed_reloads));
     lines.push(format!(
         "last error:     {}",

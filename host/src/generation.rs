@@ -59,14 +59,31 @@ pub struct Generation {
     pub number: u64,
     /// crc32 of the library's bytes, to skip reloading identical content.
     pub content_hash: u32,
+    /// The identity of the file it was read from.
+    pub file: crate::loader::FileId,
     /// When it went live.
     pub loaded_at: SystemTime,
     /// How long loading it took.
     pub load_time: Duration,
-    // Field order is drop order: the library (on_unload, dlclose) goes
-    // before the host table the plugin may use until then.
     library: Library,
-    _table: HostTable,
+    table: HostTable,
+}
+
+impl Drop for Generation {
+    fn drop(&mut self) {
+        // on_unload may still use the table; after it returns, every call
+        // through the table answers KW_RETIRED (a thread the plugin left
+        // running gets that instead of a crash).
+        let left = self.library.unload();
+        self.table.retire();
+        if !left.is_empty() {
+            self.table.warn(&format!(
+                "generation {} left {} thread(s) running after on_unload (ids {left:?}); its code stays mapped so they cannot crash the host — stop your threads in on_unload",
+                self.number,
+                left.len()
+            ));
+        }
+    }
 }
 
 impl Generation {
@@ -74,6 +91,7 @@ impl Generation {
     pub fn new(
         number: u64,
         content_hash: u32,
+        file: crate::loader::FileId,
         load_time: Duration,
         library: Library,
         table: HostTable,
@@ -81,10 +99,11 @@ impl Generation {
         Generation {
             number,
             content_hash,
+            file,
             loaded_at: SystemTime::now(),
             load_time,
             library,
-            _table: table,
+            table,
         }
     }
 

@@ -33,9 +33,24 @@ impl Config {
         Config {
             library: library.into(),
             cache_bounds: HashMap::new(),
-            printer: Arc::new(|line| println!("{line}")),
+            printer: Arc::new(crate::output::out),
         }
     }
+}
+
+/// Most cache names a reload line lists; the rest are counted.
+pub const LINE_NAMES: usize = 8;
+
+/// `a, b, c` for a few names; `a, …, h and 92 more` for many.
+fn capped(names: &[String]) -> String {
+    if names.len() <= LINE_NAMES {
+        return names.join(", ");
+    }
+    format!(
+        "{} and {} more (keepwarm stats)",
+        names[..LINE_NAMES].join(", "),
+        names.len() - LINE_NAMES
+    )
 }
 
 /// What `status` reports.
@@ -53,6 +68,9 @@ pub struct Status {
     pub caches: Vec<String>,
     /// Why the last load failed, if the last attempt failed.
     pub last_error: Option<String>,
+    /// Set while the library path is missing: "waiting for LIB to reappear …".
+    #[serde(default)]
+    pub waiting: Option<String>,
     /// How many loads failed since the host started.
     pub failed_reloads: u64,
     /// How long the live generation took to load, in milliseconds.
@@ -79,6 +97,8 @@ pub enum Reloaded {
 
 struct ReloadState {
     next_generation: u64,
+    /// Set by [`Host::shutdown`]: nothing loads any more.
+    shut_down: bool,
     /// The content that failed last, so the same broken bytes are reported once.
     failed_hash: Option<u32>,
 }
@@ -91,28 +111,37 @@ pub struct Host {
     current: RwLock<Option<Arc<Generation>>>,
     reload: Mutex<ReloadState>,
     last_error: Mutex<Option<String>>,
+    /// The kind of the last transient failure reported, so a retry that
+    /// fails the same way says nothing.
+    last_transient: Mutex<Option<std::mem::Discriminant<LoadError>>>,
+    /// Set while the library path is missing.
+    waiting: Mutex<Option<String>>,
     failed_reloads: Mutex<u64>,
     printer: Arc<RwLock<Printer>>,
-    shadow_dir: tempfile::TempDir,
+    shadow_dir: crate::paths::ShadowDir,
 }
 
 impl Host {
     /// A host for `config`, with nothing loaded yet (call [`Host::reload`]).
     pub fn new(config: Config) -> anyhow::Result<Arc<Host>> {
         let library = std::path::absolute(&config.library)?;
-        // A private directory (mode 0700, removed on drop) for shadow copies.
-        let shadow_dir = tempfile::Builder::new()
-            .prefix("keepwarm-shadow-")
-            .tempdir_in(crate::paths::runtime_dir()?)?;
+        // A private directory (mode 0700, removed on shutdown) for shadow
+        // copies; those of hosts that died are swept first.
+        let runtime = crate::paths::runtime_dir()?;
+        crate::paths::sweep_dead_shadow_dirs(&runtime);
+        let shadow_dir = crate::paths::ShadowDir::create_in(&runtime)?;
         Ok(Arc::new(Host {
             library,
             store: Arc::new(Store::with_overrides(config.cache_bounds)),
             current: RwLock::new(None),
             reload: Mutex::new(ReloadState {
                 next_generation: 1,
+                shut_down: false,
                 failed_hash: None,
             }),
             last_error: Mutex::new(None),
+            last_transient: Mutex::new(None),
+            waiting: Mutex::new(None),
             failed_reloads: Mutex::new(0),
             printer: Arc::new(RwLock::new(config.printer)),
             shadow_dir,
@@ -134,6 +163,32 @@ impl Host {
         &self.store
     }
 
+    /// Shuts the host down: waits up to `grace` for calls in flight on the
+    /// live generation to return, unloads it (on_unload, dlclose) and removes
+    /// the shadow directory. Returns false when calls were still running at
+    /// the deadline (they keep their generation alive; its files are removed
+    /// all the same). Further reloads do nothing.
+    pub fn shutdown(&self, grace: Duration) -> bool {
+        // Hold the reload lock to the end: no new generation after this.
+        let mut state = self.reload.lock();
+        state.shut_down = true;
+        let generation = self.current.write().take();
+        let mut drained = true;
+        if let Some(generation) = generation {
+            let deadline = Instant::now() + grace;
+            while Arc::strong_count(&generation) > 1 {
+                if Instant::now() >= deadline {
+                    drained = false;
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            drop(generation);
+        }
+        self.shadow_dir.remove();
+        drained
+    }
+
     /// Prints one host line.
     pub fn print(&self, line: &str) {
         let printer = Arc::clone(&self.printer.read());
@@ -144,6 +199,11 @@ impl Host {
     /// them above its input line).
     pub fn set_printer(&self, printer: Printer) {
         *self.printer.write() = printer;
+    }
+
+    /// The live generation's number (0 before the first load).
+    pub fn generation_number(&self) -> u64 {
+        self.current.read().as_ref().map_or(0, |g| g.number)
     }
 
     /// The live generation, if any.
@@ -166,18 +226,22 @@ impl Host {
     pub fn reload(&self, force: bool) -> Result<Reloaded, LoadError> {
         let started = Instant::now();
         let mut state = self.reload.lock();
-        let bytes = match std::fs::read(&self.library) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(LoadError::Missing(self.library.clone()))
-            }
+        if state.shut_down {
+            return Ok(Reloaded::Unchanged);
+        }
+        let (bytes, file) = match crate::loader::read_library(&self.library) {
+            Ok(read) => read,
             Err(e) => {
-                return Err(LoadError::Io(format!(
-                    "reading {}: {e}",
-                    self.library.display()
-                )))
+                let quiet = matches!(e, LoadError::Missing(_))
+                    || (!force && (e.is_incomplete() || e.is_transient()));
+                drop(state);
+                if !quiet {
+                    self.report_failure(&e);
+                }
+                return Err(e);
             }
         };
+        self.set_waiting(false);
         let hash = crc32fast::hash(&bytes);
         let current = self.current();
         if !force
@@ -187,11 +251,12 @@ impl Host {
             return Ok(Reloaded::Unchanged);
         }
         let number = state.next_generation;
-        let result = self.load_generation(number, hash, &bytes, started);
+        let result = self.load_generation(number, hash, file, &bytes, started);
         match result {
             Ok((generation, reset)) => {
                 state.next_generation += 1;
                 state.failed_hash = None;
+                *self.last_transient.lock() = None;
                 *self.last_error.lock() = None;
                 let line = self.loaded_line(&generation, &reset);
                 // The swap: new calls go to the new generation at once; the
@@ -204,9 +269,13 @@ impl Host {
                     reset,
                 })
             }
-            Err(e) if e.is_incomplete() && !force => Err(e),
+            Err(e) if (e.is_incomplete() || e.is_transient()) && !force => Err(e),
             Err(e) => {
-                state.failed_hash = Some(hash);
+                // Broken bytes are reported once; a machine problem (no
+                // space, an I/O error) is retried on the next attempt.
+                if !e.is_transient() {
+                    state.failed_hash = Some(hash);
+                }
                 drop(state);
                 self.report_failure(&e);
                 Err(e)
@@ -218,6 +287,7 @@ impl Host {
         &self,
         number: u64,
         hash: u32,
+        file: crate::loader::FileId,
         bytes: &[u8],
         started: Instant,
     ) -> Result<(Arc<Generation>, Vec<String>), LoadError> {
@@ -225,18 +295,23 @@ impl Host {
             .shadow_dir
             .path()
             .join(format!("gen-{number}-{}", self.file_name()));
-        let library = Library::open(bytes, shadow)?;
+        let mut library = Library::open(bytes, shadow)?;
         let table = HostTable::new(number, Arc::clone(&self.store), self.log_sink());
-        // SAFETY: the table is moved into the Generation together with the
-        // library, and the Generation drops the library first.
-        unsafe { library.run_on_load(table.as_ptr())? };
+        // SAFETY: host tables are never freed, so the table outlives the
+        // library whatever happens.
+        if let Err(e) = unsafe { library.run_on_load(table.as_ptr()) } {
+            // Refused: nothing the plugin kept of the table may act any more.
+            table.retire();
+            drop(library);
+            return Err(e);
+        }
         let mut reset = Vec::new();
         for decl in &library.caches {
             if self.store.declare(&decl.name, decl.bounds, decl.code_hash) {
                 reset.push(decl.name.clone());
             }
         }
-        let generation = Generation::new(number, hash, started.elapsed(), library, table);
+        let generation = Generation::new(number, hash, file, started.elapsed(), library, table);
         Ok((Arc::new(generation), reset))
     }
 
@@ -260,16 +335,50 @@ impl Host {
             if caches.is_empty() {
                 line.push_str("; no caches to keep");
             } else {
-                line.push_str(&format!("; caches kept: {}", caches.join(", ")));
+                line.push_str(&format!("; caches kept: {}", capped(&caches)));
             }
         }
         if !reset.is_empty() {
             line.push_str(&format!(
                 "; reset because their code changed: {}",
-                reset.join(", ")
+                capped(reset)
             ));
         }
         line
+    }
+
+    /// Records whether the library path is missing (deleted by `cargo
+    /// clean`, not built yet); says so once when that changes.
+    pub fn set_waiting(&self, missing: bool) {
+        let mut waiting = self.waiting.lock();
+        if missing && waiting.is_none() {
+            let message = format!(
+                "waiting for {} to reappear (deleted, or not built yet: cargo build); it loads as soon as it is back",
+                self.library.display()
+            );
+            *waiting = Some(message.clone());
+            drop(waiting);
+            let serving = match self.current() {
+                Some(g) => format!("generation {} keeps serving", g.number),
+                None => "nothing is loaded yet".to_owned(),
+            };
+            self.print(&format!("keepwarm: {message} ({serving})"));
+        } else if !missing {
+            *waiting = None;
+        }
+    }
+
+    /// Reports a failure that may go away by itself (no space, an I/O
+    /// error) once per kind, not at every retry.
+    pub fn report_transient(&self, error: &LoadError) {
+        let kind = std::mem::discriminant(error);
+        let mut last = self.last_transient.lock();
+        if *last == Some(kind) {
+            return;
+        }
+        *last = Some(kind);
+        drop(last);
+        self.report_failure(error);
     }
 
     /// Counts and prints a failed load; the live generation keeps serving.
@@ -305,6 +414,9 @@ impl Host {
         function: &str,
         args: &[serde_json::Value],
     ) -> Result<serde_json::Value, CallError> {
+        // A thread that calls plugins through the host is the host's (or
+        // its embedder's), not one a plugin started.
+        crate::threads::register_current();
         let generation = self.current().ok_or(CallError::NotLoaded)?;
         let args = serde_json::to_vec(args).expect("JSON values always serialize");
         let bytes = generation.call(function, &args)?;
@@ -349,6 +461,7 @@ impl Host {
                 .map(|c| c.name().to_owned())
                 .collect(),
             last_error: self.last_error.lock().clone(),
+            waiting: self.waiting.lock().clone(),
             failed_reloads: *self.failed_reloads.lock(),
             load_ms: g.as_ref().map(|g| g.load_time.as_secs_f64() * 1000.0),
             loaded_at: g.as_ref().map(|g| {

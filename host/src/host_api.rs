@@ -8,6 +8,7 @@
 
 use std::ffi::c_void;
 use std::mem::MaybeUninit;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use keepwarm_api::abi::{self, KwCacheHandle, KwCompute, KwHostApi, KwSlice, KwStatus, KwValue};
@@ -28,17 +29,24 @@ pub struct HostContext {
     /// a cache, but holding them here makes a handle's validity this
     /// context's own guarantee rather than the store's policy.
     opened: Mutex<Vec<Arc<Cache>>>,
+    /// Set once the generation's `on_unload` returned (or its `on_load`
+    /// refused): every later call through this table answers
+    /// [`abi::KW_RETIRED`] and touches nothing.
+    retired: AtomicBool,
 }
 
-/// A generation's host table with the context it points to. Both are boxed
-/// so their addresses stay fixed while the plugin holds them.
+/// A generation's host table with the context it points to.
+///
+/// Both are leaked on purpose (a few hundred bytes per generation): a thread
+/// that a plugin left running, or a plugin that kept the table pointer past
+/// `on_unload`, can then never reach freed memory; it gets `KW_RETIRED`.
 pub struct HostTable {
-    table: Box<KwHostApi>,
-    _context: Box<HostContext>,
+    table: &'static KwHostApi,
+    context: &'static HostContext,
 }
 
-// SAFETY: the table holds a pointer to the boxed HostContext it owns, whose
-// fields are Send + Sync; nothing is mutated after construction.
+// SAFETY: the table holds a pointer to the leaked HostContext, whose fields
+// are Send + Sync; nothing but the atomic flag changes after construction.
 unsafe impl Send for HostTable {}
 // SAFETY: as above.
 unsafe impl Sync for HostTable {}
@@ -46,16 +54,17 @@ unsafe impl Sync for HostTable {}
 impl HostTable {
     /// A table for `generation`, backed by `store`.
     pub fn new(generation: u64, store: Arc<Store>, log: LogSink) -> HostTable {
-        let mut context = Box::new(HostContext {
+        let context: &'static HostContext = Box::leak(Box::new(HostContext {
             generation,
             store,
             log,
             opened: Mutex::new(Vec::new()),
-        });
-        let table = Box::new(KwHostApi {
+            retired: AtomicBool::new(false),
+        }));
+        let table = Box::leak(Box::new(KwHostApi {
             abi_version: abi::KW_ABI_VERSION,
             size: std::mem::size_of::<KwHostApi>() as u32,
-            ctx: &mut *context as *mut HostContext as *mut c_void,
+            ctx: context as *const HostContext as *mut c_void,
             generation,
             cache_get,
             value_release,
@@ -67,26 +76,43 @@ impl HostTable {
             cache_get_into,
             cache_put_handle,
             cache_get_or_compute_into,
-        });
-        HostTable {
-            table,
-            _context: context,
-        }
+        }));
+        HostTable { table, context }
     }
 
-    /// The pointer handed to the plugin; valid while `self` lives.
+    /// The pointer handed to the plugin; valid for the life of the process.
     pub fn as_ptr(&self) -> *const KwHostApi {
-        &*self.table
+        self.table
+    }
+
+    /// Logs a warning as this table's generation.
+    pub fn warn(&self, message: &str) {
+        (self.context.log)(self.context.generation, abi::KW_LOG_WARN, message);
+    }
+
+    /// From now on every call through this table answers `KW_RETIRED`.
+    pub fn retire(&self) {
+        self.context.retired.store(true, Ordering::Release);
     }
 }
 
-/// Turns the raw parts of a call into Rust values.
+/// Turns the raw parts of a call into Rust values: `None` for NULL and for
+/// the context of a retired generation.
 ///
 /// # Safety
-/// `ctx` must be NULL or the context of a live [`HostTable`].
+/// `ctx` must be NULL or the context of a [`HostTable`] (they are never freed).
 unsafe fn context<'a>(ctx: *mut c_void) -> Option<&'a HostContext> {
-    // SAFETY: per the contract, NULL or a live HostContext.
+    // SAFETY: per the contract, NULL or a HostContext, which is never freed.
     unsafe { (ctx as *const HostContext).as_ref() }
+}
+
+/// Whether `ctx` is the context of a retired generation.
+///
+/// # Safety
+/// As for [`context`].
+unsafe fn retired(ctx: *mut c_void) -> bool {
+    // SAFETY: per the contract.
+    unsafe { context(ctx) }.is_some_and(|c| c.retired.load(Ordering::Acquire))
 }
 
 /// # Safety
@@ -103,6 +129,10 @@ unsafe extern "C" fn cache_get(
     out: *mut KwValue,
 ) -> KwStatus {
     keepwarm_api::ffi_boundary(None, || {
+        // SAFETY: the plugin passes the ctx of its table (ABI contract).
+        if unsafe { retired(ctx) } {
+            return abi::KW_RETIRED;
+        }
         // SAFETY: the plugin passes the ctx of its table, and slices valid
         // for this call (ABI contract); NULLs are caught here.
         let (Some(ctx), Some(cache), Some(key)) = (
@@ -177,6 +207,10 @@ unsafe extern "C" fn cache_open(
     out: *mut KwCacheHandle,
 ) -> KwStatus {
     keepwarm_api::ffi_boundary(None, || {
+        // SAFETY: the plugin passes the ctx of its table (ABI contract).
+        if unsafe { retired(ctx) } {
+            return abi::KW_RETIRED;
+        }
         // SAFETY: as in cache_get.
         let (Some(ctx), Some(name)) = (unsafe { context(ctx) }, unsafe { self::name(name) }) else {
             return abi::KW_INVALID_ARGUMENT;
@@ -229,6 +263,10 @@ unsafe extern "C" fn cache_get_into(
     out: *mut KwValue,
 ) -> KwStatus {
     keepwarm_api::ffi_boundary(None, || {
+        // SAFETY: the plugin passes the ctx of its table (ABI contract).
+        if unsafe { retired(ctx) } {
+            return abi::KW_RETIRED;
+        }
         // SAFETY: the plugin passes its ctx, a handle of this table, a key
         // valid for this call, a buffer of `cap` writable bytes and a valid
         // `out` (ABI contract); NULLs are caught.
@@ -274,6 +312,10 @@ unsafe extern "C" fn cache_put_handle(
     value: KwSlice,
 ) -> KwStatus {
     keepwarm_api::ffi_boundary(None, || {
+        // SAFETY: the plugin passes the ctx of its table (ABI contract).
+        if unsafe { retired(ctx) } {
+            return abi::KW_RETIRED;
+        }
         // SAFETY: as in cache_get_into.
         let (Some(cache), Some(key), Some(value)) = (
             unsafe { handle(cache) },
@@ -303,7 +345,13 @@ fn run_compute(compute: KwCompute) -> Result<Vec<u8>, (KwStatus, Vec<u8>)> {
     let mut sink = crate::loader::output_to(&mut bytes);
     // SAFETY: the plugin's computation, called once on this thread with its
     // own `user` pointer (ABI contract); `sink` outlives it.
-    let status = unsafe { (compute.call)(compute.user, &mut sink) };
+    let Some(call) = compute.call else {
+        return Err((
+            abi::KW_INVALID_ARGUMENT,
+            b"the plugin passed a NULL compute function".to_vec(),
+        ));
+    };
+    let status = unsafe { call(compute.user, &mut sink) };
     if status == abi::KW_OK {
         Ok(bytes)
     } else {
@@ -336,6 +384,10 @@ unsafe extern "C" fn cache_get_or_compute_into(
     out: *mut KwValue,
 ) -> KwStatus {
     keepwarm_api::ffi_boundary(None, || {
+        // SAFETY: the plugin passes the ctx of its table (ABI contract).
+        if unsafe { retired(ctx) } {
+            return abi::KW_RETIRED;
+        }
         // SAFETY: as in cache_get_into.
         let Some((cache, key, buf)) = (unsafe { into_args(ctx, cache, key, buf, cap, out) }) else {
             return abi::KW_INVALID_ARGUMENT;
@@ -359,6 +411,10 @@ unsafe extern "C" fn cache_get_or_compute(
     out: *mut KwValue,
 ) -> KwStatus {
     keepwarm_api::ffi_boundary(None, || {
+        // SAFETY: the plugin passes the ctx of its table (ABI contract).
+        if unsafe { retired(ctx) } {
+            return abi::KW_RETIRED;
+        }
         // SAFETY: as in cache_get.
         let (Some(ctx), Some(cache), Some(key)) =
             (unsafe { context(ctx) }, unsafe { name(cache) }, unsafe {
@@ -379,6 +435,7 @@ unsafe extern "C" fn cache_get_or_compute(
 }
 
 unsafe extern "C" fn value_release(_ctx: *mut c_void, value: *mut KwValue) {
+    // A lease is given back even after retirement: it is the plugin's.
     keepwarm_api::ffi_boundary(None, || {
         // SAFETY: the plugin passes a value it got from cache_get, once.
         let Some(value) = (unsafe { value.as_mut() }) else {
@@ -403,6 +460,10 @@ unsafe extern "C" fn cache_put(
     value: KwSlice,
 ) -> KwStatus {
     keepwarm_api::ffi_boundary(None, || {
+        // SAFETY: the plugin passes the ctx of its table (ABI contract).
+        if unsafe { retired(ctx) } {
+            return abi::KW_RETIRED;
+        }
         // SAFETY: as in cache_get.
         let (Some(ctx), Some(cache), Some(key), Some(value)) = (
             unsafe { context(ctx) },
@@ -420,6 +481,10 @@ unsafe extern "C" fn cache_put(
 
 unsafe extern "C" fn cache_reset(ctx: *mut c_void, cache: KwSlice) -> KwStatus {
     keepwarm_api::ffi_boundary(None, || {
+        // SAFETY: the plugin passes the ctx of its table (ABI contract).
+        if unsafe { retired(ctx) } {
+            return abi::KW_RETIRED;
+        }
         // SAFETY: as in cache_get.
         let (Some(ctx), Some(cache)) = (unsafe { context(ctx) }, unsafe { name(cache) }) else {
             return abi::KW_INVALID_ARGUMENT;
@@ -431,6 +496,10 @@ unsafe extern "C" fn cache_reset(ctx: *mut c_void, cache: KwSlice) -> KwStatus {
 
 unsafe extern "C" fn log_line(ctx: *mut c_void, level: u32, message: KwSlice) {
     keepwarm_api::ffi_boundary(None, || {
+        // SAFETY: the plugin passes the ctx of its table (ABI contract).
+        if unsafe { retired(ctx) } {
+            return abi::KW_RETIRED;
+        }
         // SAFETY: as in cache_get.
         let (Some(ctx), Some(bytes)) = (unsafe { context(ctx) }, unsafe { message.as_bytes() })
         else {

@@ -48,9 +48,11 @@ pub mod generation;
 pub mod host;
 pub mod host_api;
 pub mod loader;
+pub mod output;
 pub mod paths;
 pub mod repl;
 pub mod serve;
+pub mod threads;
 pub mod watcher;
 
 pub use generation::CallError;

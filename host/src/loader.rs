@@ -50,6 +50,20 @@ pub enum LoadError {
         /// The message it wrote.
         message: String,
     },
+    /// The path is not a regular file (a FIFO, a device, a directory, a socket).
+    NotRegular(String),
+    /// The file is larger than any plugin library this host will read.
+    TooLarge(u64),
+    /// The runtime directory has no room for the shadow copy. Retried when
+    /// space returns.
+    NoSpace {
+        /// The directory that is full.
+        dir: PathBuf,
+        /// Bytes free there.
+        free: u64,
+        /// Bytes the shadow copy needs.
+        needed: u64,
+    },
     /// Reading the file or writing the shadow copy failed.
     Io(String),
 }
@@ -59,6 +73,176 @@ impl LoadError {
     pub fn is_incomplete(&self) -> bool {
         matches!(self, LoadError::Incomplete(_))
     }
+
+    /// Whether the failure is about the machine, not the file (no space, no
+    /// file descriptors, an I/O error): the same bytes may load later, so
+    /// they are not remembered as broken.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, LoadError::NoSpace { .. } | LoadError::Io(_))
+    }
+}
+
+/// The largest library the host reads, so that a path pointing at an
+/// endless source can never exhaust memory. Debug builds of big plugins are
+/// tens of MiB; 1 GiB leaves room for any real library.
+pub const MAX_LIBRARY_BYTES: u64 = 1 << 30;
+
+/// Identity of the file at the library path: when it differs from the
+/// loaded generation's, a new build has landed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileId {
+    /// Device number.
+    pub dev: u64,
+    /// Inode number.
+    pub ino: u64,
+    /// Size in bytes.
+    pub size: u64,
+    /// Modification time, nanoseconds since the epoch.
+    pub mtime_ns: i128,
+}
+
+impl FileId {
+    /// The identity of `meta`.
+    pub fn of(meta: &std::fs::Metadata) -> FileId {
+        use std::os::unix::fs::MetadataExt;
+        FileId {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            size: meta.size(),
+            mtime_ns: i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
+        }
+    }
+
+    /// The identity of the file at `path` (symlinks followed), if any.
+    pub fn at(path: &Path) -> Option<FileId> {
+        std::fs::metadata(path).ok().map(|m| FileId::of(&m))
+    }
+}
+
+/// What a regular file is not: the words for the message.
+fn describe_file_type(meta: &std::fs::Metadata) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    let t = meta.file_type();
+    if t.is_dir() {
+        "a directory"
+    } else if t.is_fifo() {
+        "a FIFO (named pipe)"
+    } else if t.is_char_device() {
+        "a character device"
+    } else if t.is_block_device() {
+        "a block device"
+    } else if t.is_socket() {
+        "a socket"
+    } else {
+        "not a regular file"
+    }
+}
+
+/// Whether another process has `file` open for writing, asked the kernel
+/// through a read lease: `F_SETLEASE F_RDLCK` fails with `EAGAIN` exactly
+/// when some file description has the file open for writing. `None` when
+/// the file system does not support leases (then the watcher's quiet period
+/// is the only guard).
+fn open_for_writing(file: &std::fs::File) -> Option<bool> {
+    use std::os::fd::AsRawFd;
+    // Linux's F_SETSIG (fcntl.h), which the libc crate does not export.
+    const F_SETSIG: libc::c_int = 10;
+    let fd = file.as_raw_fd();
+    // A writer that opens the file while we hold the lease makes the kernel
+    // signal us; SIGURG is ignored by default, unlike the default SIGIO,
+    // which would end the process. The lease is released at once anyway.
+    // SAFETY: fcntl on a descriptor we own, with integer arguments only.
+    unsafe {
+        if libc::fcntl(fd, F_SETSIG, libc::SIGURG) != 0 {
+            return None;
+        }
+        if libc::fcntl(fd, libc::F_SETLEASE, libc::F_RDLCK) == 0 {
+            libc::fcntl(fd, libc::F_SETLEASE, libc::F_UNLCK);
+            return Some(false);
+        }
+    }
+    match std::io::Error::last_os_error().raw_os_error() {
+        Some(libc::EAGAIN) => Some(true),
+        _ => None,
+    }
+}
+
+/// Reads the library at `path` if it is a regular file that nobody is
+/// writing and that did not change while it was read; returns its bytes and
+/// identity. Special files are refused without being opened for long (a
+/// FIFO is opened non-blocking, a device is never read).
+pub fn read_library(path: &Path) -> Result<(Vec<u8>, FileId), LoadError> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let meta = match std::fs::metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(LoadError::Missing(path.to_owned()))
+        }
+        Err(e) => return Err(LoadError::Io(format!("inspecting {}: {e}", path.display()))),
+    };
+    if !meta.is_file() {
+        return Err(LoadError::NotRegular(describe_file_type(&meta).into()));
+    }
+    if meta.len() > MAX_LIBRARY_BYTES {
+        return Err(LoadError::TooLarge(meta.len()));
+    }
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC | libc::O_NOCTTY)
+        .open(path)
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => LoadError::Missing(path.to_owned()),
+            _ => LoadError::Io(format!("opening {}: {e}", path.display())),
+        })?;
+    let before = file
+        .metadata()
+        .map_err(|e| LoadError::Io(format!("inspecting {}: {e}", path.display())))?;
+    // Swapped between the check and the open: check what was opened.
+    if !before.is_file() {
+        return Err(LoadError::NotRegular(describe_file_type(&before).into()));
+    }
+    if open_for_writing(&file) == Some(true) {
+        return Err(LoadError::Incomplete(
+            "another process has it open for writing".into(),
+        ));
+    }
+    let mut bytes = Vec::with_capacity(before.len() as usize);
+    (&mut file)
+        .take(MAX_LIBRARY_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| LoadError::Io(format!("reading {}: {e}", path.display())))?;
+    if bytes.len() as u64 > MAX_LIBRARY_BYTES {
+        return Err(LoadError::TooLarge(bytes.len() as u64));
+    }
+    let after = file
+        .metadata()
+        .map_err(|e| LoadError::Io(format!("inspecting {}: {e}", path.display())))?;
+    let id = FileId::of(&before);
+    if FileId::of(&after) != id || bytes.len() as u64 != id.size {
+        return Err(LoadError::Incomplete("it changed while it was read".into()));
+    }
+    if open_for_writing(&file) == Some(true) {
+        return Err(LoadError::Incomplete(
+            "another process opened it for writing while it was read".into(),
+        ));
+    }
+    Ok((bytes, id))
+}
+
+/// Free bytes for an unprivileged writer in `dir`, if the file system says.
+pub fn free_bytes(dir: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: `c` is a NUL-terminated path and `st` a buffer statvfs fills.
+    if unsafe { libc::statvfs(c.as_ptr(), st.as_mut_ptr()) } != 0 {
+        return None;
+    }
+    // SAFETY: statvfs returned 0, so it filled `st`.
+    let st = unsafe { st.assume_init() };
+    #[allow(clippy::useless_conversion)] // c_ulong is not u64 everywhere
+    Some(u64::from(st.f_bavail).saturating_mul(u64::from(st.f_frsize)))
 }
 
 impl fmt::Display for LoadError {
@@ -94,6 +278,23 @@ impl fmt::Display for LoadError {
                 let what = if *status == abi::KW_PANIC { "panicked" } else { "failed" };
                 write!(f, "the plugin's on_load {what} (status {status}): {message}")
             }
+            LoadError::NotRegular(what) => write!(
+                f,
+                "the path is {what}, not a regular file — point keepwarm at the plugin's .so"
+            ),
+            LoadError::TooLarge(size) => write!(
+                f,
+                "the file is {} MiB, more than the {} MiB a plugin library may be — check the path",
+                size >> 20,
+                MAX_LIBRARY_BYTES >> 20
+            ),
+            LoadError::NoSpace { dir, free, needed } => write!(
+                f,
+                "no space in {} ({} MiB free, the library is {} MiB) — free some space there; the build loads as soon as it fits",
+                dir.display(),
+                free >> 20,
+                needed.div_ceil(1 << 20)
+            ),
             LoadError::Io(why) => write!(f, "{why}"),
         }
     }
@@ -221,6 +422,15 @@ pub fn check_complete_shared_object(bytes: &[u8]) -> Result<(), LoadError> {
             "{len} bytes, but the section table ends at byte {shend}"
         )));
     }
+    // Linkers write the section table last, so a complete library ends
+    // exactly where it does. A longer file is a new, shorter build written
+    // over an old one in place (rsync --inplace, dd conv=notrunc) that has
+    // not been truncated yet: its tail is the old build's bytes.
+    if shoff != 0 && shend < len {
+        return Err(LoadError::Incomplete(format!(
+            "{len} bytes, but its section table ends at byte {shend}: old bytes after the new ones, a rewrite in place that is not finished"
+        )));
+    }
     Ok(())
 }
 
@@ -254,6 +464,12 @@ pub struct Library {
     pub caches: Vec<CacheDecl>,
     on_load: Option<unsafe extern "C" fn(*const KwHostApi, *mut KwOutput) -> KwStatus>,
     on_unload: Option<unsafe extern "C" fn()>,
+    /// Whether on_load refused: then on_unload is not called (an
+    /// initialization that failed has nothing to tear down).
+    refused: bool,
+    /// The process's threads before the library was opened: any other
+    /// thread not the host's may be one it started.
+    threads_before: std::collections::BTreeSet<i32>,
     shadow: PathBuf,
     // Declared last: dropped (dlclose) after everything above that points
     // into the library.
@@ -309,9 +525,20 @@ impl Library {
     /// the shadow copy. Does not run on_load.
     pub fn open(bytes: &[u8], shadow: PathBuf) -> Result<Library, LoadError> {
         check_complete_shared_object(bytes)?;
-        std::fs::write(&shadow, bytes).map_err(|e| {
-            LoadError::Io(format!("writing the shadow copy {}: {e}", shadow.display()))
-        })?;
+        if let Err(e) = std::fs::write(&shadow, bytes) {
+            // Never leave a partial copy behind: it would fill the
+            // directory further and could be mistaken for a library.
+            let _ = std::fs::remove_file(&shadow);
+            let dir = shadow.parent().unwrap_or(Path::new("/")).to_owned();
+            return Err(match e.raw_os_error() {
+                Some(libc::ENOSPC) | Some(libc::EDQUOT) => LoadError::NoSpace {
+                    free: free_bytes(&dir).unwrap_or(0),
+                    needed: bytes.len() as u64,
+                    dir,
+                },
+                _ => LoadError::Io(format!("writing the shadow copy {}: {e}", shadow.display())),
+            });
+        }
         let result = Self::open_shadow(&shadow);
         if result.is_err() {
             let _ = std::fs::remove_file(&shadow);
@@ -321,6 +548,8 @@ impl Library {
 
     fn open_shadow(shadow: &Path) -> Result<Library, LoadError> {
         use libloading::os::unix::{Library as Raw, RTLD_LOCAL, RTLD_NOW};
+        // Before dlopen: constructors may start threads too.
+        let threads_before = crate::threads::alive();
         // SAFETY: dlopen runs the library's initializers. The file passed the
         // completeness check above, so no mapping runs past its end; running
         // its constructors is the trust a plugin host places in the plugin.
@@ -333,7 +562,10 @@ impl Library {
         let entry: abi::KwEntryFn =
             match unsafe { handle.get::<abi::KwEntryFn>(b"keepwarm_plugin\0") } {
                 Ok(sym) => *sym,
-                Err(_) => return Err(LoadError::NoEntrySymbol),
+                Err(_) => {
+                    close_or_keep(handle, &threads_before);
+                    return Err(LoadError::NoEntrySymbol);
+                }
             };
         // SAFETY: calling the entry symbol of the ABI; it takes no arguments
         // and returns a pointer to static data.
@@ -386,7 +618,12 @@ impl Library {
                         .ok()
                         .and_then(std::num::NonZeroUsize::new)
                         .unwrap_or(Bounds::default().max_entries),
-                    max_bytes: (c.max_bytes != 0).then_some(c.max_bytes),
+                    // Undeclared: the default bound, as for any cache.
+                    max_bytes: Some(if c.max_bytes == 0 {
+                        crate::cache::DEFAULT_MAX_BYTES
+                    } else {
+                        c.max_bytes
+                    }),
                 });
                 caches.push(CacheDecl {
                     name,
@@ -402,6 +639,8 @@ impl Library {
             caches,
             on_load: d.on_load,
             on_unload: d.on_unload,
+            refused: false,
+            threads_before,
             shadow: shadow.to_owned(),
             handle: Some(handle),
         })
@@ -411,7 +650,7 @@ impl Library {
     ///
     /// # Safety
     /// `table` must stay valid for as long as this library stays loaded.
-    pub unsafe fn run_on_load(&self, table: *const KwHostApi) -> Result<(), LoadError> {
+    pub unsafe fn run_on_load(&mut self, table: *const KwHostApi) -> Result<(), LoadError> {
         let Some(on_load) = self.on_load else {
             return Ok(());
         };
@@ -423,6 +662,7 @@ impl Library {
         if status == abi::KW_OK {
             Ok(())
         } else {
+            self.refused = true;
             Err(LoadError::OnLoad {
                 status,
                 message: String::from_utf8_lossy(&message).into_owned(),
@@ -436,19 +676,49 @@ impl Library {
     }
 }
 
-impl Drop for Library {
-    fn drop(&mut self) {
-        if let Some(on_unload) = self.on_unload {
+impl Library {
+    /// Runs on_unload (unless on_load refused), then closes the library,
+    /// unless a thread it may have started is still alive: then its code
+    /// stays mapped for the life of the process. Returns the ids of those
+    /// threads (empty when the library was closed). Idempotent.
+    pub fn unload(&mut self) -> Vec<i32> {
+        let Some(handle) = self.handle.take() else {
+            return Vec::new();
+        };
+        if let (Some(on_unload), false) = (self.on_unload, self.refused) {
             // SAFETY: the plugin's unload hook (ABI contract), called once,
             // after the last call into this generation returned. Its shell
             // catches panics.
             unsafe { on_unload() };
         }
-        // dlclose. glibc keeps a library mapped when it registered
-        // thread-local destructors (most Rust cdylibs); closing is still
-        // correct, it only may not unmap.
-        drop(self.handle.take());
+        let left = close_or_keep(handle, &self.threads_before);
         let _ = std::fs::remove_file(&self.shadow);
+        left
+    }
+}
+
+/// dlcloses `handle` unless a thread started since `before` that is not the
+/// host's is alive (it may be running the library's code); then the mapping
+/// is kept forever. Returns those threads.
+fn close_or_keep(
+    handle: libloading::os::unix::Library,
+    before: &std::collections::BTreeSet<i32>,
+) -> Vec<i32> {
+    let foreign = crate::threads::foreign_since(before);
+    if foreign.is_empty() {
+        // glibc keeps a library mapped while it has thread-local destructors
+        // registered (most Rust cdylibs); closing is still correct, it only
+        // may not unmap at once.
+        drop(handle);
+    } else {
+        std::mem::forget(handle);
+    }
+    foreign
+}
+
+impl Drop for Library {
+    fn drop(&mut self) {
+        self.unload();
     }
 }
 

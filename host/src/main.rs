@@ -14,7 +14,7 @@ fn main() {
     let status = match cli.command {
         Command::Run(args) => exit_status(run(args, cli.socket)),
         Command::Dev(args) => exit_status(dev(args, cli.socket)),
-        Command::Control(command) => control(&command, cli.socket),
+        Command::Control(command) => control(&command, cli.socket, cli.timeout),
     };
     std::process::exit(status);
 }
@@ -23,25 +23,36 @@ fn exit_status(result: anyhow::Result<()>) -> i32 {
     match result {
         Ok(()) => 0,
         Err(e) => {
-            eprintln!("keepwarm: {e:#}");
+            keepwarm::output::err(&format!("keepwarm: {e:#}"));
             1
         }
     }
 }
 
-fn control(command: &ControlCommand, socket: Option<std::path::PathBuf>) -> i32 {
+fn control(command: &ControlCommand, socket: Option<std::path::PathBuf>, timeout: f64) -> i32 {
+    let timeout = if timeout == 0.0 {
+        None
+    } else if timeout.is_finite() && timeout > 0.0 {
+        Some(std::time::Duration::from_secs_f64(timeout))
+    } else {
+        keepwarm::output::err(&format!(
+            "keepwarm: --timeout {timeout}: expected a number of seconds, 0 for no limit"
+        ));
+        return EXIT_USAGE;
+    };
+
     let socket = match socket.map_or_else(client::discover, Ok) {
         Ok(s) => s,
         Err(e) => return client_error(&e),
     };
-    match client::request(&socket, &command.to_request()) {
+    match client::request_within(&socket, &command.to_request(), timeout) {
         Ok(response) => {
             let rendered = command.render(&response);
             if !rendered.stdout.is_empty() {
-                println!("{}", rendered.stdout);
+                keepwarm::output::out(&rendered.stdout);
             }
             if !rendered.stderr.is_empty() {
-                eprintln!("{}", rendered.stderr);
+                keepwarm::output::err(&rendered.stderr);
             }
             rendered.status
         }
@@ -50,7 +61,7 @@ fn control(command: &ControlCommand, socket: Option<std::path::PathBuf>) -> i32 
 }
 
 fn client_error(e: &ClientError) -> i32 {
-    eprintln!("keepwarm: {e}");
+    keepwarm::output::err(&format!("keepwarm: {e}"));
     match e {
         ClientError::Ambiguous(_) => EXIT_USAGE,
         ClientError::NoHost(_) | ClientError::Protocol(_) => EXIT_NO_HOST,
@@ -74,8 +85,8 @@ fn dev(args: DevArgs, socket: Option<std::path::PathBuf>) -> anyhow::Result<()> 
         release: args.release,
         dir: std::env::current_dir()?,
     };
-    println!("keepwarm dev: building…");
-    let built = dev::build(&spec, &|line| eprintln!("{line}"))?;
+    keepwarm::output::out("keepwarm dev: building…");
+    let built = dev::build(&spec, &|line| keepwarm::output::err(line))?;
     let mut config = Config::new(&built.library);
     config.cache_bounds = args.caches.into_iter().collect();
     Serve {

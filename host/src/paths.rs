@@ -58,6 +58,91 @@ pub fn ensure_private_dir(dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Prefix of the shadow directories in the runtime directory.
+const SHADOW_PREFIX: &str = "shadow-";
+
+/// A host's private directory of shadow copies, `RUNTIME_DIR/shadow-PID-XXXXXX`,
+/// with a lock file that the host holds (`flock`) for as long as it lives.
+/// Removed by [`ShadowDir::remove`] or on drop; the directories of hosts
+/// that died without removing theirs are swept by the next host that starts
+/// ([`sweep_dead_shadow_dirs`]): their lock is free, since the kernel drops
+/// a dead process's locks. A live host's lock is held, so its directory is
+/// never touched.
+pub struct ShadowDir {
+    path: PathBuf,
+    _lock: std::fs::File,
+}
+
+impl ShadowDir {
+    /// Creates a new shadow directory in `runtime` and locks it.
+    pub fn create_in(runtime: &Path) -> anyhow::Result<ShadowDir> {
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("{SHADOW_PREFIX}{}-", std::process::id()))
+            .tempdir_in(runtime)
+            .with_context(|| format!("creating a shadow directory in {}", runtime.display()))?
+            .keep();
+        let lock = std::fs::File::create(dir.join("lock"))
+            .with_context(|| format!("creating {}/lock", dir.display()))?;
+        if !try_lock(&lock) {
+            bail!("cannot lock {}/lock", dir.display());
+        }
+        Ok(ShadowDir {
+            path: dir,
+            _lock: lock,
+        })
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Removes the directory and everything in it.
+    pub fn remove(&self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+impl Drop for ShadowDir {
+    fn drop(&mut self) {
+        self.remove();
+    }
+}
+
+/// An exclusive, non-blocking `flock` on `file`.
+fn try_lock(file: &std::fs::File) -> bool {
+    use std::os::fd::AsRawFd;
+    // SAFETY: flock on a descriptor we own; no memory is passed.
+    unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 }
+}
+
+/// Removes the shadow directories in `runtime` whose host is gone (their
+/// lock is free). Returns how many were removed.
+pub fn sweep_dead_shadow_dirs(runtime: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(runtime) else {
+        return 0;
+    };
+    let mut swept = 0;
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let is_shadow = name.to_str().is_some_and(|n| n.starts_with(SHADOW_PREFIX));
+        let Ok(kind) = entry.file_type() else {
+            continue;
+        };
+        if !is_shadow || !kind.is_dir() {
+            continue;
+        }
+        // Only directories with a lock file are ours to judge.
+        let Ok(lock) = std::fs::File::open(entry.path().join("lock")) else {
+            continue;
+        };
+        if try_lock(&lock) && std::fs::remove_dir_all(entry.path()).is_ok() {
+            swept += 1;
+        }
+    }
+    swept
+}
+
 /// The default control socket of a host serving `library`:
 /// `RUNTIME_DIR/<file stem>-<8 hex digits of the absolute path's crc32>.sock`,
 /// so two hosts on two libraries never share one.

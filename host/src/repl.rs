@@ -119,7 +119,7 @@ fn history_path() -> Option<std::path::PathBuf> {
 /// Runs one prompt line; returns false when the user asked to leave.
 pub fn run_line(host: &Host, line: &str) -> bool {
     let Some(words) = shlex::split(line) else {
-        eprintln!("unbalanced quotes in: {line}");
+        crate::output::err(&format!("unbalanced quotes in: {line}"));
         return true;
     };
     if words.is_empty() {
@@ -128,7 +128,35 @@ pub fn run_line(host: &Host, line: &str) -> bool {
     match Line::try_parse_from(&words) {
         Ok(Line::Quit) => return false,
         Ok(Line::Control(command)) => {
-            let response = crate::control::handle(host, command.to_request());
+            let response = match command {
+                // A call runs on a thread of its own that ends with it: the
+                // plugin's thread-locals then never pin a generation in
+                // memory, and deep recursion gets the control socket's stack.
+                ControlCommand::Call { .. } => std::thread::scope(|s| {
+                    std::thread::Builder::new()
+                        .name("keepwarm-prompt-call".into())
+                        .stack_size(crate::control::server::CALL_STACK_BYTES)
+                        .spawn_scoped(s, || {
+                            crate::threads::register_current();
+                            crate::control::handle(host, command.to_request())
+                        })
+                        .map(|t| t.join())
+                }),
+                _ => Ok(Ok(crate::control::handle(host, command.to_request()))),
+            };
+            let response = match response {
+                Ok(Ok(r)) => r,
+                Ok(Err(_)) => {
+                    crate::output::err(
+                        "keepwarm: the call failed inside the host (a bug: please report it)",
+                    );
+                    return true;
+                }
+                Err(e) => {
+                    crate::output::err(&format!("keepwarm: no thread for the call: {e}"));
+                    return true;
+                }
+            };
             let rendered = command.render(&response);
             // A reset or a reload already printed the host's own line
             // ("keepwarm: reset cache square (1 entry dropped)", "keepwarm:
@@ -144,10 +172,10 @@ pub fn run_line(host: &Host, line: &str) -> bool {
                     _ => false,
                 };
             if !rendered.stdout.is_empty() && !said {
-                println!("{}", rendered.stdout);
+                crate::output::out(&rendered.stdout);
             }
             if !rendered.stderr.is_empty() {
-                eprintln!("{}", rendered.stderr);
+                crate::output::err(&rendered.stderr);
             }
         }
         // clap's help and errors already say what to type.
@@ -176,7 +204,7 @@ pub fn run(host: Arc<Host>) -> anyhow::Result<()> {
             if reading.load(Ordering::SeqCst) {
                 let _ = printer.lock().print(format!("{line}\n"));
             } else {
-                println!("{line}");
+                crate::output::out(line);
             }
         }));
     }
@@ -184,11 +212,15 @@ pub fn run(host: Arc<Host>) -> anyhow::Result<()> {
     if let Some(h) = &history {
         let _ = editor.load_history(h);
     }
-    println!("type `help` for commands, Tab to complete, Ctrl-D to quit");
+    crate::output::out("type `help` for commands, Tab to complete, Ctrl-D to quit");
+    let mut interrupted = false;
     loop {
         reading.store(true, Ordering::SeqCst);
         let line = editor.readline("keepwarm> ");
         reading.store(false, Ordering::SeqCst);
+        if line.is_ok() {
+            interrupted = false;
+        }
         match line {
             Ok(line) => {
                 if !line.trim().is_empty() {
@@ -198,12 +230,18 @@ pub fn run(host: Arc<Host>) -> anyhow::Result<()> {
                     break;
                 }
             }
-            Err(ReadlineError::Interrupted) => continue,
+            // Ctrl-C clears the line; twice in a row leaves (as node's REPL).
+            Err(ReadlineError::Interrupted) if interrupted => break,
+            Err(ReadlineError::Interrupted) => {
+                interrupted = true;
+                crate::output::out("(Ctrl-C again, Ctrl-D or `quit` to leave)");
+                continue;
+            }
             Err(ReadlineError::Eof) => break,
             Err(e) => return Err(e.into()),
         }
     }
-    host.set_printer(Arc::new(|line| println!("{line}")));
+    host.set_printer(Arc::new(crate::output::out));
     if let Some(h) = &history {
         let _ = editor.save_history(h);
     }

@@ -1,15 +1,26 @@
 //! The long-running part shared by `keepwarm run` and `keepwarm dev`: bind
 //! the control socket, load and watch the library, serve, and read the
 //! prompt (or wait) until the user leaves.
+//!
+//! Every way out takes one path: `quit`, end of input, Ctrl-C at an empty
+//! prompt, SIGINT, SIGTERM and SIGHUP all stop the listener (the socket file
+//! goes), let calls in flight finish for up to [`SHUTDOWN_GRACE`], unload
+//! the live generation, remove the shadow directory, and return from
+//! [`Serve::run`] with `Ok`: exit status 0.
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
+use std::sync::mpsc;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 
 use crate::control::server::Server;
 use crate::{paths, watcher, Config, Host};
+
+/// How long a shutdown waits for calls in flight.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 /// How a host is served.
 pub struct Serve {
@@ -21,16 +32,76 @@ pub struct Serve {
     pub no_repl: bool,
 }
 
+/// Why the host is leaving.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// `quit`, Ctrl-D or Ctrl-C at the prompt.
+    Quit,
+    /// A signal (its number).
+    Signal(i32),
+}
+
+/// Whether this process may use the terminal on standard input: it is a
+/// terminal and this process group is its foreground group. A host started
+/// with `&` is not, and touching the terminal would stop it (SIGTTIN).
+pub fn owns_terminal() -> bool {
+    if !std::io::stdin().is_terminal() {
+        return false;
+    }
+    // SAFETY: tcgetpgrp and getpgrp take a descriptor / nothing and only
+    // return numbers.
+    unsafe { libc::tcgetpgrp(libc::STDIN_FILENO) == libc::getpgrp() }
+}
+
+/// The terminal's settings, restored at exit: a signal may end the host
+/// while the prompt has the terminal in raw mode.
+struct TerminalState(Option<libc::termios>);
+
+impl TerminalState {
+    fn save() -> TerminalState {
+        let mut t = std::mem::MaybeUninit::<libc::termios>::uninit();
+        // SAFETY: tcgetattr fills `t` when it returns 0.
+        let ok = unsafe { libc::tcgetattr(libc::STDIN_FILENO, t.as_mut_ptr()) } == 0;
+        // SAFETY: initialized by tcgetattr when ok.
+        TerminalState(ok.then(|| unsafe { t.assume_init() }))
+    }
+
+    fn restore(&self) {
+        if let Some(t) = &self.0 {
+            // SAFETY: `t` is a termios tcgetattr filled for this descriptor.
+            unsafe { libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, t) };
+        }
+    }
+}
+
 impl Serve {
-    /// Serves until `quit`, end of input, SIGINT or SIGTERM (or forever
-    /// without a terminal). `started` runs once the host is up, with it.
+    /// Serves until `quit`, end of input, SIGINT, SIGTERM or SIGHUP, then
+    /// shuts down cleanly. `started` runs once the host is up, with it.
     pub fn run(self, started: impl FnOnce(&Arc<Host>) -> anyhow::Result<()>) -> anyhow::Result<()> {
+        crate::threads::register_current();
         let socket = match self.socket {
             Some(s) => s,
             None => paths::default_socket(&self.config.library)?,
         };
-        // Bind first: a second host on the same socket stops here, before
-        // loading anything.
+        let (exit_tx, exit_rx) = mpsc::channel::<Exit>();
+        // Signals first: a Ctrl-C during the first load is a clean exit too.
+        let mut signals = signal_hook::iterator::Signals::new([
+            signal_hook::consts::SIGINT,
+            signal_hook::consts::SIGTERM,
+            signal_hook::consts::SIGHUP,
+        ])
+        .context("installing the signal handlers")?;
+        let signal_handle = signals.handle();
+        {
+            let exit_tx = exit_tx.clone();
+            crate::threads::spawn("keepwarm-signals", None, move || {
+                if let Some(signal) = signals.forever().next() {
+                    let _ = exit_tx.send(Exit::Signal(signal));
+                }
+            })
+            .context("spawning the signal thread")?;
+        }
+        // Bind before loading: a second host on the same socket stops here.
         let server = Server::bind(&socket)?;
         let host = Host::new(self.config)?;
         host.print(&format!(
@@ -38,28 +109,45 @@ impl Serve {
             host.library().display(),
             server.path().display()
         ));
+        // Load before serving: a client that connected meanwhile waits in
+        // the socket's backlog and finds the plugin loaded.
         watcher::load_initial(&host);
-        let _watch = watcher::watch(Arc::clone(&host)).context("watching the library")?;
         let guard = server.spawn(Arc::clone(&host))?;
-        let guard = Arc::new(parking_lot::Mutex::new(Some(guard)));
-        {
-            let guard = Arc::clone(&guard);
-            ctrlc::set_handler(move || {
-                // Remove the socket file, then leave.
-                drop(guard.lock().take());
-                std::process::exit(130);
-            })
-            .context("installing the Ctrl-C handler")?;
-        }
+        let watch = watcher::watch(Arc::clone(&host)).context("watching the library")?;
         started(&host)?;
-        if !self.no_repl && std::io::stdin().is_terminal() {
-            crate::repl::run(Arc::clone(&host))?;
-            drop(guard.lock().take());
-            Ok(())
-        } else {
-            loop {
-                std::thread::park();
-            }
+        let wants_prompt = !self.no_repl && std::io::stdin().is_terminal();
+        let terminal = TerminalState::save();
+        if wants_prompt && owns_terminal() {
+            let host = Arc::clone(&host);
+            let exit_tx = exit_tx.clone();
+            crate::threads::spawn("keepwarm-prompt", None, move || {
+                if let Err(e) = crate::repl::run(host) {
+                    crate::output::err(&format!("keepwarm: the prompt failed: {e}"));
+                }
+                let _ = exit_tx.send(Exit::Quit);
+            })
+            .context("spawning the prompt")?;
+        } else if wants_prompt {
+            host.print(
+                "keepwarm: running in the background, so no prompt (as with --no-repl); use `keepwarm call …` from any terminal; stop it with `kill %1`",
+            );
         }
+        drop(exit_tx);
+        let reason = exit_rx.recv().unwrap_or(Exit::Quit);
+        // One path out, whatever the reason.
+        terminal.restore();
+        drop(watch);
+        drop(guard);
+        if !host.shutdown(SHUTDOWN_GRACE) {
+            host.print(&format!(
+                "keepwarm: calls still running after {} s; leaving anyway",
+                SHUTDOWN_GRACE.as_secs()
+            ));
+        }
+        signal_handle.close();
+        if let Exit::Signal(_) = reason {
+            host.print("keepwarm: stopped by a signal; shut down cleanly");
+        }
+        Ok(())
     }
 }

@@ -10,6 +10,16 @@
 //! ([`KwHostApi`]) both start with `abi_version` and `size`. A later minor
 //! revision may append fields; a reader checks `size` before touching a field
 //! past the version-1 layout. A different `abi_version` is refused outright.
+//!
+//! Ownership: every type below says who owns the memory its pointers point
+//! to and how long it stays valid. In short: what is passed *into* a call
+//! ([`KwSlice`], [`KwOutput`]) is borrowed for that call only; what the host
+//! *lends* ([`KwValue`] with a `lease`) stays valid until it is released;
+//! what lives for a generation ([`KwHostApi`], [`KwCacheHandle`]) is valid
+//! from `on_load` until `on_unload` returns; and the descriptor
+//! ([`KwPlugin`], [`KwFunction`], [`KwCacheDecl`]) is static data of the
+//! library, valid while it is loaded. Nothing is ever freed by the side that
+//! did not allocate it.
 
 use core::ffi::c_void;
 
@@ -43,12 +53,20 @@ pub const KW_TOO_LARGE: KwStatus = 5;
 /// threads waiting for each other, for the very key it is computing.
 pub const KW_CYCLE: KwStatus = 6;
 
+/// Any host function called through the table of a generation that has been
+/// unloaded (its `on_unload` returned): nothing was read or stored. A thread a
+/// plugin left running gets this instead of a crash; it should stop.
+pub const KW_RETIRED: KwStatus = 7;
+
 /// An opaque handle on one host cache, from [`KwHostApi::cache_open`].
 ///
-/// Ownership: the host owns what it points to. A handle stays valid, with the
-/// table that produced it, for as long as that generation stays loaded; pass
-/// it only to the `*_handle`/`*_into` functions of the same table. It survives
-/// resets of the cache (a reset empties a cache, it never replaces it).
+/// Ownership: the host owns what it points to; the plugin never frees it and
+/// never reads through it. A handle is valid, like the table that produced
+/// it, from the `cache_open` call that wrote it until the generation's
+/// `on_unload` returns; pass it only to the `*_handle`/`*_into` functions of
+/// that same table (a handle is not carried over to the next generation:
+/// open it again in the new `on_load`). It survives resets of the cache (a
+/// reset empties a cache, it never replaces it).
 pub type KwCacheHandle = *const c_void;
 
 /// Log levels for [`KwHostApi::log`].
@@ -62,11 +80,14 @@ pub const KW_LOG_DEBUG: u32 = 4;
 
 /// A borrowed view of bytes (or of UTF-8 text, where a name is expected).
 ///
-/// Ownership: the side that passes a `KwSlice` keeps owning the memory; the
-/// receiver may read `len` bytes from `ptr` only for the duration of the call
-/// it was passed to, and must copy what it wants to keep. `ptr` may be NULL
-/// only when `len` is 0. In a [`KwPlugin`] or [`KwFunction`] the memory is
-/// static data of the plugin and stays valid while the library is loaded.
+/// Ownership: the side that passes a `KwSlice` keeps owning the memory, and
+/// the receiver never frees it. The memory exposed is available for the
+/// duration of the call the slice was passed to (a function's `args`, a
+/// cache name, key or value given to a host function, a log message): the
+/// receiver must copy what it wants to keep, and the host does (a stored key
+/// or value is the host's own copy). `ptr` may be NULL only when `len` is 0.
+/// In a [`KwPlugin`], [`KwFunction`] or [`KwCacheDecl`] the memory is static
+/// data of the plugin and stays valid while the library is loaded.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct KwSlice {
@@ -127,12 +148,24 @@ impl KwSlice {
     }
 }
 
-/// A cached value handed to the plugin by [`KwHostApi::cache_get`].
+/// A cached value handed to the plugin by [`KwHostApi::cache_get`] (and the
+/// other lookups that write a `KwValue`).
 ///
-/// Ownership: the host owns the bytes. They stay valid and unchanged, even if
-/// the entry is evicted or the cache reset meanwhile, until the plugin passes
-/// the value to [`KwHostApi::value_release`], which it must do exactly once.
-/// No host lock is held while the plugin holds a value.
+/// Ownership depends on `lease`:
+/// - `lease` not NULL: the value is *lent* by the host, which owns the bytes.
+///   They stay valid and unchanged, even if the entry is evicted or the cache
+///   reset meanwhile, until the plugin passes the value to
+///   [`KwHostApi::value_release`], which it must do exactly once (then `ptr`
+///   must not be read again). No host lock is held while the plugin holds a
+///   value.
+/// - `lease` NULL: the value is a *copy in the plugin's own buffer* (the
+///   `buf` given to [`KwHostApi::cache_get_into`] or
+///   [`KwHostApi::cache_get_or_compute_into`]), so `ptr` is `buf`; the plugin
+///   owns those bytes, they live as long as its buffer, and there is nothing
+///   to release (do not pass such a value to `value_release`).
+///
+/// The plugin allocates the `KwValue` itself (on its stack, typically); the
+/// host only writes its fields.
 #[repr(C)]
 #[derive(Debug)]
 pub struct KwValue {
@@ -159,8 +192,12 @@ impl KwValue {
 /// result (or its error message) through `write`, possibly in several pieces,
 /// and the bytes are copied into the owner's buffer at once.
 ///
-/// Ownership: `ctx` belongs to the owner and is valid only during the call the
-/// output was passed to. The callee must not keep the pointer.
+/// Ownership: the output and its `ctx` belong to the side that passed it (the
+/// host, for a function call or `on_load`; the host again, for a
+/// [`KwCompute`]) and are valid only until the call it was passed to returns.
+/// The callee must not keep either pointer, nor call `write` from another
+/// thread after returning. `write` copies the `len` bytes at `ptr` before it
+/// returns, so the writer keeps owning (and may free) its bytes right after.
 #[repr(C)]
 #[derive(Debug)]
 pub struct KwOutput {
@@ -173,8 +210,11 @@ pub struct KwOutput {
 /// A computation the host runs on a cache miss in
 /// [`KwHostApi::cache_get_or_compute`].
 ///
-/// Ownership: `user` belongs to the plugin and is only passed back to `call`,
-/// during the `cache_get_or_compute` call that received it.
+/// Ownership: `user` belongs to the plugin, which keeps it valid for the
+/// `cache_get_or_compute` call it passes the `KwCompute` to; the host never
+/// reads or frees it, only passes it back to `call` during that same call.
+/// The `out` given to `call` is the host's (see [`KwOutput`]): valid until
+/// `call` returns.
 #[repr(C)]
 #[derive(Debug)]
 pub struct KwCompute {
@@ -183,16 +223,22 @@ pub struct KwCompute {
     /// Computes the value and writes its bytes to `out`; returns [`KW_OK`]
     /// on success, or another status (with a message written to `out`) on
     /// failure. Called at most once, on the thread that called
-    /// `cache_get_or_compute`, with no host lock held.
-    pub call: unsafe extern "C" fn(user: *mut c_void, out: *mut KwOutput) -> KwStatus,
+    /// `cache_get_or_compute`, with no host lock held. NULL is refused with
+    /// [`KW_INVALID_ARGUMENT`] (nothing is computed or stored, and the key
+    /// stays free for the next caller).
+    pub call: Option<unsafe extern "C" fn(user: *mut c_void, out: *mut KwOutput) -> KwStatus>,
 }
 
 /// The table of host functions that the host hands a plugin in `on_load`.
 ///
-/// Ownership: the host owns the table and keeps it valid, with everything it
-/// points to, for as long as the generation that received it stays loaded.
-/// Every function is safe to call from any thread and from inside a cache
-/// computation (the host holds no lock while plugin code runs).
+/// Ownership: the host owns the table, its `ctx` and everything they point
+/// to; the plugin never writes or frees them. The plugin may keep the
+/// pointer and call through it from the start of its `on_load` until its
+/// `on_unload` returns: that is the generation's lifetime. After that, a
+/// call through the table (from a thread the plugin left running) answers
+/// [`KW_RETIRED`] and touches nothing; the next generation gets a table of
+/// its own. Every function is safe to call from any thread and from inside a
+/// cache computation (the host holds no lock while plugin code runs).
 #[repr(C)]
 #[derive(Debug)]
 pub struct KwHostApi {
@@ -284,6 +330,11 @@ pub struct KwHostApi {
 }
 
 /// One function the plugin exports, callable by name (`keepwarm call NAME`).
+///
+/// Ownership: static data of the plugin (part of its [`KwPlugin`]
+/// descriptor), valid and unchanged while the library is loaded; the host
+/// reads it and never frees it. The `args` and `out` of a call are the
+/// host's, valid until the call returns.
 #[repr(C)]
 #[derive(Debug)]
 pub struct KwFunction {
@@ -302,6 +353,10 @@ unsafe impl Sync for KwFunction {}
 
 /// A cache the plugin declares, so the host creates it with bounds before the
 /// first call.
+///
+/// Ownership: static data of the plugin, like the descriptor that points to
+/// it; the host copies the name when it creates the cache (the cache and its
+/// entries belong to the host and outlive the generation).
 #[repr(C)]
 #[derive(Debug)]
 pub struct KwCacheDecl {
@@ -322,8 +377,10 @@ unsafe impl Sync for KwCacheDecl {}
 /// The plugin's descriptor, returned by its entry symbol
 /// (`keepwarm_plugin`, see [`KW_ENTRY_SYMBOL`](crate::KW_ENTRY_SYMBOL)).
 ///
-/// Ownership: the plugin owns the descriptor and everything it points to; it
-/// must stay valid and unchanged while the library is loaded.
+/// Ownership: the descriptor is static data of the library. The plugin owns
+/// it and everything it points to (name, functions, caches); it must stay
+/// valid and unchanged from the entry symbol's return until the library is
+/// unloaded. The host reads it and never writes or frees it.
 #[repr(C)]
 #[derive(Debug)]
 pub struct KwPlugin {
@@ -342,12 +399,15 @@ pub struct KwPlugin {
     /// Number of entries at `caches`.
     pub cache_count: usize,
     /// Called once after the ABI check and before the generation goes live.
-    /// Receives the host table (valid while this generation is loaded). A
-    /// status other than [`KW_OK`] refuses the load; a message may be written
-    /// to `err`.
+    /// Receives the host table (valid from now until `on_unload` returns; see
+    /// [`KwHostApi`]) and an output for an error message (valid during this
+    /// call only). A status other than [`KW_OK`] refuses the load; a message
+    /// may be written to `err`.
     pub on_load:
         Option<unsafe extern "C" fn(host: *const KwHostApi, err: *mut KwOutput) -> KwStatus>,
-    /// Called once when the generation retires, after its last call returned.
+    /// Called once when the generation retires, after its last call returned;
+    /// the host table stops answering when it returns. The plugin must stop
+    /// any thread it started before returning.
     pub on_unload: Option<unsafe extern "C" fn()>,
 }
 
@@ -357,5 +417,7 @@ unsafe impl Sync for KwPlugin {}
 // from all.
 unsafe impl Send for KwPlugin {}
 
-/// The signature of the entry symbol.
+/// The signature of the entry symbol. It returns a pointer to the plugin's
+/// static descriptor (see [`KwPlugin`] for how long it stays valid); the host
+/// may call it more than once and must get the same descriptor.
 pub type KwEntryFn = unsafe extern "C" fn() -> *const KwPlugin;

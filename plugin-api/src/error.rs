@@ -43,6 +43,7 @@ impl Error {
             abi::KW_TOO_LARGE => "the value is larger than the cache's byte bound",
             abi::KW_INVALID_ARGUMENT => "invalid argument (NULL pointer or non-UTF-8 name)",
             abi::KW_PANIC => "the host caught a panic",
+            abi::KW_RETIRED => "this generation was unloaded (a thread outlived on_unload)",
             _ => "unexpected status",
         };
         Err(Error::new(format!(

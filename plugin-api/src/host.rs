@@ -381,7 +381,10 @@ pub fn get_or_compute(
         Target::Static(c) => c.handle(host),
         Target::Name(_) => None,
     };
-    let compute = KwCompute { user, call };
+    let compute = KwCompute {
+        user,
+        call: Some(call),
+    };
     let mut raw = KwValue::empty();
     let mut buf = [MaybeUninit::<u8>::uninit(); INLINE];
     let status = if let Some(handle) = handle {

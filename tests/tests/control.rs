@@ -390,6 +390,10 @@ fn stats_print_an_aligned_table_and_json() {
     );
     let one = host.cli(&["stats", "square", "--json"]).json();
     assert_eq!(one.as_array().unwrap().len(), 1);
-    assert_eq!(one[0]["max_bytes"], Value::Null);
+    // A cache with no byte bound of its own gets the default one.
+    assert_eq!(
+        one[0]["max_bytes"].as_u64(),
+        Some(keepwarm::cache::DEFAULT_MAX_BYTES)
+    );
     assert_eq!(host.cli(&["stats", "nope"]).status, Some(1));
 }

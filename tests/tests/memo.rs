@@ -192,7 +192,11 @@ fn raw_abi_plugin_caches_by_hand() {
             raw["bytes"].as_u64(),
             raw["max_bytes"].as_u64()
         ),
-        (Some(1), Some(16), Some(16_000))
+        (
+            Some(1),
+            Some(keepwarm::cache::entry_bytes(&[0; 8], &[0; 8])),
+            Some(16_000)
+        )
     );
 }
 
@@ -231,7 +235,16 @@ fn cache_handles_copy_small_values_lend_large_ones_and_survive_reloads() {
     let s = figures(&host);
     assert_eq!(
         (s.entries, s.hits, s.misses, s.inserts, s.bytes),
-        (3, 6, 2, 3, 3 * 8 + 8 + 1_000 + 100_000),
+        (
+            3,
+            6,
+            2,
+            3,
+            [8, 1_000, 100_000]
+                .iter()
+                .map(|&n| keepwarm::cache::entry_bytes(&[0; 8], &vec![0; n]))
+                .sum::<u64>()
+        ),
         "{s:?}"
     );
 

@@ -3,6 +3,7 @@
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use super::protocol::{Request, Response};
 
@@ -55,29 +56,72 @@ pub fn discover() -> Result<PathBuf, ClientError> {
     }
 }
 
-/// Sends one request to the host at `socket` and reads its response.
+/// How long the CLI waits for an answer unless told otherwise
+/// (`--timeout SECS`, `KEEPWARM_TIMEOUT`).
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Sends one request to the host at `socket` and reads its response,
+/// waiting at most [`DEFAULT_TIMEOUT`].
 pub fn request(socket: &Path, request: &Request) -> Result<Response, ClientError> {
+    request_within(socket, request, Some(DEFAULT_TIMEOUT))
+}
+
+/// Sends one request and reads its response, waiting at most `timeout`
+/// (forever with `None`). A host that answered before it closed the
+/// connection (a `busy` or `bad_request` answer) is heard even when sending
+/// the request failed.
+pub fn request_within(
+    socket: &Path,
+    request: &Request,
+    timeout: Option<Duration>,
+) -> Result<Response, ClientError> {
     let mut stream = UnixStream::connect(socket).map_err(|e| {
         ClientError::NoHost(format!(
             "no keepwarm host answers at {} ({e}); start one with `keepwarm run LIB`",
             socket.display()
         ))
     })?;
+    let _ = stream.set_read_timeout(timeout);
+    let _ = stream.set_write_timeout(timeout);
     let mut line = serde_json::to_vec(request).expect("requests serialize");
     line.push(b'\n');
-    stream
-        .write_all(&line)
-        .map_err(|e| ClientError::NoHost(format!("sending to {}: {e}", socket.display())))?;
+    let sent = stream.write_all(&line);
     let mut reader = BufReader::new(stream);
     let mut answer = String::new();
-    reader.read_line(&mut answer).map_err(|e| {
-        ClientError::Protocol(format!("reading the answer from {}: {e}", socket.display()))
-    })?;
-    if answer.is_empty() {
-        return Err(ClientError::Protocol(format!(
-            "the host at {} closed the connection without answering",
-            socket.display()
-        )));
+    let read = reader.read_line(&mut answer);
+    let silent = |e: &std::io::Error| {
+        matches!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        )
+    };
+    match (&sent, &read) {
+        (_, Ok(n)) if *n > 0 => {}
+        (Err(e), _) | (_, Err(e)) if silent(e) => {
+            return Err(ClientError::NoHost(format!(
+                "the host at {} did not answer in {} s — it may be stopped (a host started with `&` and then stopped?), or the call is still running; see `keepwarm status`, or pass --timeout SECS",
+                socket.display(),
+                timeout.map_or(0, |t| t.as_secs())
+            )))
+        }
+        (Err(e), _) => {
+            return Err(ClientError::NoHost(format!(
+                "sending to {}: {e}",
+                socket.display()
+            )))
+        }
+        (Ok(()), Err(e)) => {
+            return Err(ClientError::Protocol(format!(
+                "reading the answer from {}: {e}",
+                socket.display()
+            )))
+        }
+        (Ok(()), Ok(_)) => {
+            return Err(ClientError::Protocol(format!(
+                "the host at {} closed the connection without answering",
+                socket.display()
+            )))
+        }
     }
     serde_json::from_str(&answer).map_err(|e| {
         ClientError::Protocol(format!("the host sent an invalid response ({e}): {answer}"))

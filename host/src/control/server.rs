@@ -5,7 +5,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,9 +19,48 @@ use crate::host::Host;
 /// Only touched pages cost memory.
 pub const CALL_STACK_BYTES: usize = 64 << 20;
 
-/// Connections served at once; one more gets an error response and is
+/// Connections served at once (at most; fewer when the process may open
+/// few files, see [`connection_cap`]); one more gets a `busy` answer and is
 /// closed, so a flood of clients cannot exhaust the host's threads.
 pub const MAX_CONNECTIONS: usize = 512;
+
+/// File descriptors kept for everything but connections: the library, its
+/// shadow copy, dlopen, the watcher, the terminal, a cargo child in `dev`.
+const RESERVED_FDS: u64 = 64;
+
+/// Raises this process's soft limit of open files to its hard limit (the
+/// common soft limit of 1,024 would come before the connection cap) and
+/// returns the soft limit now in force.
+pub fn raise_fd_limit() -> u64 {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read and write the struct we pass.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return 1024;
+        }
+        if limit.rlim_cur < limit.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: limit.rlim_max,
+                rlim_max: limit.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                return raised.rlim_cur;
+            }
+        }
+    }
+    limit.rlim_cur
+}
+
+/// How many connections fit under a limit of `fd_limit` open files: each
+/// takes two descriptors (the stream and its writer clone), and
+/// [`RESERVED_FDS`] stay free for loading the next build.
+pub fn connection_cap(fd_limit: u64) -> usize {
+    let fit = fd_limit.saturating_sub(RESERVED_FDS) / 2;
+    (fit as usize).clamp(1, MAX_CONNECTIONS)
+}
 
 /// How long a connection may stay silent before the host closes it.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -34,21 +73,53 @@ pub struct Server {
 
 impl Server {
     /// Binds `path`. A socket file left by a dead host is replaced; a live
-    /// host on the same path is an error.
+    /// host on the same path is an error, and so is anything at `path` that
+    /// is not a socket (it is never removed). The directory is created
+    /// (mode 0700) when missing; the mode of an existing directory is never
+    /// changed, except the host's own runtime directory, which must be private.
     pub fn bind(path: &Path) -> anyhow::Result<Server> {
-        if let Some(dir) = path.parent() {
-            crate::paths::ensure_private_dir(dir)?;
+        use std::os::unix::fs::{DirBuilderExt, FileTypeExt};
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            let runtime = crate::paths::runtime_dir()?;
+            if dir == runtime {
+                // runtime_dir() made it private already.
+            } else if !dir.exists() {
+                std::fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o700)
+                    .create(dir)
+                    .with_context(|| format!("creating {}", dir.display()))?;
+            }
         }
-        if path.exists() {
-            if UnixStream::connect(path).is_ok() {
+        match std::fs::symlink_metadata(path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => bail!("cannot inspect {}: {e}", path.display()),
+            Ok(meta) if meta.file_type().is_socket() => {
+                if UnixStream::connect(path).is_ok() {
+                    bail!(
+                        "another keepwarm host is already serving {}; stop it, or start this one with --socket PATH",
+                        path.display()
+                    );
+                }
+                // Nobody answers: a stale socket of a host that died.
+                std::fs::remove_file(path)
+                    .with_context(|| format!("removing stale socket {}", path.display()))?;
+            }
+            Ok(meta) => {
+                let what = if meta.is_dir() {
+                    "a directory"
+                } else if meta.file_type().is_symlink() {
+                    "a symbolic link"
+                } else if meta.is_file() {
+                    "a regular file"
+                } else {
+                    "not a socket"
+                };
                 bail!(
-                    "another keepwarm host is already serving {}; stop it, or start this one with --socket PATH",
+                    "{} exists and is {what}, not a socket; keepwarm will not replace it — choose another --socket PATH (or remove it yourself)",
                     path.display()
                 );
             }
-            // Nobody answers: a stale socket of a host that died.
-            std::fs::remove_file(path)
-                .with_context(|| format!("removing stale socket {}", path.display()))?;
         }
         let listener =
             UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
@@ -65,59 +136,124 @@ impl Server {
         &self.path
     }
 
-    /// Serves connections on a background thread for as long as the process
-    /// lives.
+    /// Serves connections on a background thread until the returned guard
+    /// is dropped.
     pub fn spawn(self, host: Arc<Host>) -> anyhow::Result<ServerGuard> {
         let listener = self.listener.try_clone()?;
-        std::thread::Builder::new()
-            .name("keepwarm-control".into())
-            .spawn(move || {
-                let open = Arc::new(AtomicUsize::new(0));
-                for stream in listener.incoming() {
-                    let Ok(mut stream) = stream else { continue };
-                    if open.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
-                        open.fetch_sub(1, Ordering::SeqCst);
-                        let _ = stream.set_write_timeout(Some(Duration::from_millis(100)));
-                        let _ = write_response(
-                            &mut stream,
-                            &Response::err(
-                                ErrorCode::Busy,
-                                format!("the host already serves {MAX_CONNECTIONS} connections; retry shortly"),
-                            ),
-                        );
-                        continue;
-                    }
-                    let host = Arc::clone(&host);
-                    let count = Arc::clone(&open);
-                    let spawned = std::thread::Builder::new()
-                        .name("keepwarm-conn".into())
-                        .stack_size(CALL_STACK_BYTES)
-                        .spawn(move || {
-                            serve(&host, stream);
-                            count.fetch_sub(1, Ordering::SeqCst);
-                        });
-                    if spawned.is_err() {
-                        // No thread for it: the stream was dropped (closed).
-                        open.fetch_sub(1, Ordering::SeqCst);
-                    }
-                }
-            })?;
+        listener.set_nonblocking(false)?;
+        let stopping = Arc::new(AtomicBool::new(false));
+        let cap = connection_cap(raise_fd_limit());
+        let stop = Arc::clone(&stopping);
+        crate::threads::spawn("keepwarm-control", None, move || {
+            accept_loop(&listener, &host, &stop, cap)
+        })?;
         Ok(ServerGuard {
             path: self.path.clone(),
+            stopping,
             _server: self,
         })
     }
 }
 
-/// Keeps the socket file until dropped.
+/// Decrements the count of open connections when the connection ends,
+/// however it ends (a panic included).
+struct Slot(Arc<AtomicUsize>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+fn accept_loop(listener: &UnixListener, host: &Arc<Host>, stopping: &AtomicBool, cap: usize) {
+    let open = Arc::new(AtomicUsize::new(0));
+    let mut backoff = Duration::from_millis(10);
+    for stream in listener.incoming() {
+        if stopping.load(Ordering::SeqCst) {
+            return;
+        }
+        let mut stream = match stream {
+            Ok(s) => {
+                backoff = Duration::from_millis(10);
+                s
+            }
+            Err(e) => {
+                // Out of file descriptors (EMFILE/ENFILE) or another
+                // failure: back off instead of spinning on the error.
+                let _ = e;
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(Duration::from_millis(500));
+                continue;
+            }
+        };
+        if open.fetch_add(1, Ordering::SeqCst) >= cap {
+            open.fetch_sub(1, Ordering::SeqCst);
+            let _ = stream.set_write_timeout(Some(Duration::from_millis(100)));
+            let _ = write_response(
+                &mut stream,
+                &Response::err(
+                    ErrorCode::Busy,
+                    format!("the host already serves {cap} connections; try again shortly"),
+                ),
+            );
+            continue;
+        }
+        let slot = Slot(Arc::clone(&open));
+        let Ok(writer) = stream.try_clone() else {
+            continue; // the slot is given back as it drops
+        };
+        let _ = stream.set_read_timeout(Some(IDLE_TIMEOUT));
+        let _ = stream.set_write_timeout(Some(IDLE_TIMEOUT));
+        let connection = Connection {
+            reader: BufReader::new(stream),
+            writer,
+            pending: None,
+            _slot: slot,
+        };
+        spawn_connection(Arc::clone(host), connection);
+    }
+}
+
+/// One client's connection, handed from thread to thread.
+struct Connection {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+    /// A request line read by the previous thread and not yet answered.
+    pending: Option<Vec<u8>>,
+    _slot: Slot,
+}
+
+/// Serves `connection` on a new thread (if none can be made, the
+/// connection is closed and its slot given back).
+fn spawn_connection(host: Arc<Host>, connection: Connection) {
+    let _ = crate::threads::spawn("keepwarm-conn", Some(CALL_STACK_BYTES), move || {
+        if let Some(next) = serve(&host, connection) {
+            spawn_connection(host, next);
+        }
+    });
+}
+
+/// Serves until dropped; then accepts no more connections and removes the
+/// socket file.
 pub struct ServerGuard {
     path: PathBuf,
+    stopping: Arc<AtomicBool>,
     _server: Server,
 }
 
 impl Drop for ServerGuard {
     fn drop(&mut self) {
+        self.stopping.store(true, Ordering::SeqCst);
         let _ = std::fs::remove_file(&self.path);
+        // Wake the accept loop so it sees the flag and returns.
+        // SAFETY: shutdown on a listening descriptor we own wakes a thread
+        // blocked in accept on Linux; it takes no memory.
+        unsafe {
+            libc::shutdown(
+                std::os::fd::AsRawFd::as_raw_fd(&self._server.listener),
+                libc::SHUT_RDWR,
+            )
+        };
     }
 }
 
@@ -128,46 +264,56 @@ fn write_response(stream: &mut UnixStream, response: &Response) -> std::io::Resu
 }
 
 /// Serves one connection until the client closes it, goes silent, or sends
-/// an oversized line.
-fn serve(host: &Host, stream: UnixStream) {
-    let _ = stream.set_read_timeout(Some(IDLE_TIMEOUT));
-    let _ = stream.set_write_timeout(Some(IDLE_TIMEOUT));
-    let Ok(mut writer) = stream.try_clone() else {
-        return;
-    };
-    let mut reader = BufReader::new(stream);
-    let mut line = Vec::new();
+/// an oversized line. Returns the connection when it should move to a fresh
+/// thread: this one ran code of a generation that is no longer live, and
+/// its thread-locals would keep that generation mapped; a thread that ends
+/// runs their destructors and lets it go.
+fn serve(host: &Host, mut c: Connection) -> Option<Connection> {
+    let mut called: Option<u64> = None;
+    let mut line = c.pending.take().unwrap_or_default();
     loop {
-        line.clear();
-        // Bounded read: at most MAX_REQUEST_BYTES + 1 bytes per line.
-        let n = match (&mut reader)
-            .take(MAX_REQUEST_BYTES as u64 + 1)
-            .read_until(b'\n', &mut line)
-        {
-            Ok(0) | Err(_) => return,
-            Ok(n) => n,
-        };
-        if n > MAX_REQUEST_BYTES && line.last() != Some(&b'\n') {
-            let _ = write_response(
-                &mut writer,
-                &Response::err(
-                    ErrorCode::BadRequest,
-                    format!("request line longer than {MAX_REQUEST_BYTES} bytes; closing the connection"),
-                ),
-            );
-            return;
+        if line.is_empty() {
+            // Bounded read: at most MAX_REQUEST_BYTES + 1 bytes per line.
+            let n = match (&mut c.reader)
+                .take(MAX_REQUEST_BYTES as u64 + 1)
+                .read_until(b'\n', &mut line)
+            {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => n,
+            };
+            if n > MAX_REQUEST_BYTES && line.last() != Some(&b'\n') {
+                let _ = write_response(
+                    &mut c.writer,
+                    &Response::err(
+                        ErrorCode::BadRequest,
+                        format!("request line longer than {MAX_REQUEST_BYTES} bytes; closing the connection"),
+                    ),
+                );
+                return None;
+            }
         }
         let trimmed = line.strip_suffix(b"\n").unwrap_or(&line);
         let trimmed = trimmed.strip_suffix(b"\r").unwrap_or(trimmed);
         if trimmed.iter().all(u8::is_ascii_whitespace) {
+            line.clear();
             continue;
         }
-        let response = match parse_request(trimmed) {
+        let request = parse_request(trimmed);
+        if let Ok(super::protocol::Request::Call { .. }) = &request {
+            let live = host.generation_number();
+            if called.is_some_and(|g| g != live) {
+                c.pending = Some(std::mem::take(&mut line));
+                return Some(c);
+            }
+            called = Some(live);
+        }
+        let response = match request {
             Ok(request) => super::handle(host, request),
             Err(response) => response,
         };
-        if write_response(&mut writer, &response).is_err() {
-            return;
+        if write_response(&mut c.writer, &response).is_err() {
+            return None;
         }
+        line.clear();
     }
 }
