@@ -119,3 +119,69 @@ fn the_prompt_runs_commands_completes_names_and_quits() {
         "history is saved"
     );
 }
+
+const LEAVE: &str = r#"
+import os, pty, select, signal, sys, time
+binary, lib, sock, way = sys.argv[1:5]
+pid, fd = pty.fork()
+if pid == 0:
+    os.execv(binary, [binary, "run", lib, "--socket", sock])
+out = b""
+def read_until(marker):
+    global out
+    end = time.time() + 60
+    while marker not in out:
+        r, _, _ = select.select([fd], [], [], 0.2)
+        if r:
+            try:
+                out += os.read(fd, 65536)
+            except OSError:
+                break
+        if time.time() > end:
+            sys.stdout.write(out.decode(errors="replace"))
+            raise SystemExit("timeout waiting for %r" % marker)
+read_until(b"keepwarm> ")
+if way == "quit":
+    os.write(fd, b"quit\r")
+elif way == "ctrl-d":
+    os.write(fd, b"\x04")
+elif way == "ctrl-c":
+    os.write(fd, b"\x03")
+    read_until(b"Ctrl-C again")
+    os.write(fd, b"\x03")
+elif way == "sigterm":
+    os.kill(pid, signal.SIGTERM)
+_, status = os.waitpid(pid, 0)
+print("EXIT", os.waitstatus_to_exitcode(status))
+"#;
+
+/// Every way out of the prompt is the same clean shutdown: exit status 0,
+/// the socket and the shadow directory removed.
+#[test]
+fn every_way_out_of_the_prompt_leaves_nothing_behind() {
+    for way in ["quit", "ctrl-d", "ctrl-c", "sigterm"] {
+        let dir = tempfile::tempdir().unwrap();
+        let out = Command::new("python3")
+            .arg("-c")
+            .arg(LEAVE)
+            .arg(keepwarm_bin())
+            .arg(built_library("example-plugin"))
+            .arg(dir.path().join("prompt.sock"))
+            .arg(way)
+            .env("XDG_RUNTIME_DIR", dir.path())
+            .env("XDG_STATE_HOME", dir.path())
+            .env("TERM", "xterm")
+            .output()
+            .expect("python3");
+        let screen = String::from_utf8_lossy(&out.stdout);
+        assert!(screen.contains("EXIT 0"), "{way}: {screen}");
+        assert!(!dir.path().join("prompt.sock").exists(), "{way}: socket");
+        let left: Vec<_> = std::fs::read_dir(dir.path().join("keepwarm"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .filter(|n| n.to_string_lossy().starts_with("shadow-"))
+            .collect();
+        assert!(left.is_empty(), "{way}: left {left:?}");
+    }
+}
