@@ -226,7 +226,11 @@ impl ControlCommand {
         };
         Rendered {
             stdout,
-            stderr: String::new(),
+            stderr: response
+                .warning
+                .as_ref()
+                .map(|w| format!("keepwarm: {w}"))
+                .unwrap_or_default(),
             status: EXIT_OK,
         }
     }

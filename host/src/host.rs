@@ -116,6 +116,10 @@ pub struct Host {
     last_transient: Mutex<Option<std::mem::Discriminant<LoadError>>>,
     /// Set while the library path is missing.
     waiting: Mutex<Option<String>>,
+    /// The identity of the file last read, and why it was refused if it
+    /// was: a call compares it with the file on disk (see
+    /// [`Host::catch_up`]).
+    seen: Mutex<Option<(crate::loader::FileId, Option<String>)>>,
     failed_reloads: Mutex<u64>,
     printer: Arc<RwLock<Printer>>,
     shadow_dir: crate::paths::ShadowDir,
@@ -142,6 +146,7 @@ impl Host {
             last_error: Mutex::new(None),
             last_transient: Mutex::new(None),
             waiting: Mutex::new(None),
+            seen: Mutex::new(None),
             failed_reloads: Mutex::new(0),
             printer: Arc::new(RwLock::new(config.printer)),
             shadow_dir,
@@ -244,10 +249,12 @@ impl Host {
         self.set_waiting(false);
         let hash = crc32fast::hash(&bytes);
         let current = self.current();
-        if !force
-            && (current.as_ref().is_some_and(|g| g.content_hash == hash)
-                || state.failed_hash == Some(hash))
-        {
+        if !force && current.as_ref().is_some_and(|g| g.content_hash == hash) {
+            *self.seen.lock() = Some((file, None));
+            return Ok(Reloaded::Unchanged);
+        }
+        if !force && state.failed_hash == Some(hash) {
+            *self.seen.lock() = Some((file, self.last_error.lock().clone()));
             return Ok(Reloaded::Unchanged);
         }
         let number = state.next_generation;
@@ -258,6 +265,7 @@ impl Host {
                 state.failed_hash = None;
                 *self.last_transient.lock() = None;
                 *self.last_error.lock() = None;
+                *self.seen.lock() = Some((file, None));
                 let line = self.loaded_line(&generation, &reset);
                 // The swap: new calls go to the new generation at once; the
                 // old one retires when its in-flight calls drop their Arcs.
@@ -278,6 +286,9 @@ impl Host {
                 }
                 drop(state);
                 self.report_failure(&e);
+                if !e.is_transient() {
+                    *self.seen.lock() = Some((file, self.last_error.lock().clone()));
+                }
                 Err(e)
             }
         }
@@ -405,6 +416,45 @@ impl Host {
             let print = Arc::clone(&printer.read());
             print(&format!("[gen {generation}{tag}] {message}"))
         })
+    }
+
+    /// Makes sure the build on disk is the one that answers: when the file
+    /// at the library path is not the one last read (a build landed and the
+    /// watcher has not loaded it yet), loads it now, waiting up to `within`
+    /// for a file still being written. Returns a warning when the build on
+    /// disk was refused (the live generation answers instead) or did not
+    /// settle in time. Costs one `stat` when nothing changed.
+    pub fn catch_up(&self, within: Duration) -> Option<String> {
+        let on_disk = crate::loader::FileId::at(&self.library)?;
+        let seen = self.seen.lock().clone();
+        match seen {
+            Some((file, None)) if file == on_disk => return None,
+            Some((file, Some(why))) if file == on_disk => return Some(self.refused_note(&why)),
+            _ => {}
+        }
+        let deadline = Instant::now() + within;
+        loop {
+            match self.reload(false) {
+                Ok(_) => {
+                    return match self.seen.lock().clone() {
+                        Some((_, Some(why))) => Some(self.refused_note(&why)),
+                        _ => None,
+                    }
+                }
+                Err(e) if e.is_incomplete() && Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(LoadError::Missing(_)) => return None,
+                Err(e) => return Some(self.refused_note(&e.to_string())),
+            }
+        }
+    }
+
+    fn refused_note(&self, why: &str) -> String {
+        format!(
+            "the build on disk was not loaded ({why}); generation {} answered",
+            self.generation_number()
+        )
     }
 
     /// Calls an exported function with JSON arguments, returning its JSON

@@ -18,9 +18,18 @@ pub fn handle(host: &Host, request: Request) -> Response {
     }
 }
 
+/// How long a call waits for a build that landed to finish loading.
+pub const CATCH_UP: std::time::Duration = std::time::Duration::from_secs(2);
+
 fn call(host: &Host, function: &str, args: &[serde_json::Value]) -> Response {
+    // A call sees the build that was on disk when it was made.
+    let warning = host.catch_up(CATCH_UP);
     match host.call(function, args) {
-        Ok(value) => Response::ok(value),
+        Ok(value) => {
+            let mut response = Response::ok(value);
+            response.warning = warning;
+            response
+        }
         Err(e) => {
             let code = match &e {
                 CallError::NotLoaded => ErrorCode::NotLoaded,

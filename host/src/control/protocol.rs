@@ -119,6 +119,10 @@ pub struct Response {
     /// The error, on failure.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<ErrorBody>,
+    /// Something the user should know about a success (a `call` answered
+    /// by the previous generation because the new build was refused).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warning: Option<String>,
 }
 
 impl Response {
@@ -129,6 +133,7 @@ impl Response {
             ok: true,
             result: Some(result),
             error: None,
+            warning: None,
         }
     }
 
@@ -142,6 +147,7 @@ impl Response {
                 code,
                 message: message.into(),
             }),
+            warning: None,
         }
     }
 }
