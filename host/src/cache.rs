@@ -159,7 +159,13 @@ struct Flight {
 /// Which thread waits for which: a thread about to wait for a flight whose
 /// owner (transitively) waits for it would deadlock; it gets
 /// [`Computed::Cycle`] instead.
-static WAITS_FOR: Mutex<Option<HashMap<ThreadId, ThreadId>>> = Mutex::new(None);
+///
+/// Each edge also names the flight it waits on, and the leader of a flight
+/// removes every edge to that flight before it wakes the waiters: a woken
+/// waiter that has not run yet must not stay in the graph, where it would
+/// close false cycles with the next flight its old leader waits for.
+#[allow(clippy::type_complexity)]
+static WAITS_FOR: Mutex<Option<HashMap<ThreadId, (ThreadId, usize)>>> = Mutex::new(None);
 
 /// The outcome of [`Cache::get_or_compute`].
 #[derive(Debug)]
@@ -336,9 +342,15 @@ impl Cache {
                 let mut flights = self.flights.lock();
                 // Re-check under the flights lock: a flight that just
                 // finished stored its value before leaving the table.
-                if let Some(v) = self.inner.lock().lru.peek(key) {
-                    return Computed::Value(Arc::clone(v));
+                let mut inner = self.inner.lock();
+                if let Some(v) = inner.lru.peek(key) {
+                    // Stored since this caller's lookup missed: a hit.
+                    let v = Arc::clone(v);
+                    inner.misses = inner.misses.saturating_sub(1);
+                    inner.hits += 1;
+                    return Computed::Value(v);
                 }
+                drop(inner);
                 match flights.get(key) {
                     Some(f) => (Arc::clone(f), false),
                     None => {
@@ -369,6 +381,7 @@ impl Cache {
                 };
                 *flight.outcome.lock() = Some(value.clone());
                 self.flights.lock().remove(key);
+                flight_landed(Arc::as_ptr(&flight) as usize);
                 flight.done.notify_all();
                 return match (result, value) {
                     (Ok(_), Some(v)) => Computed::Value(v),
@@ -376,7 +389,7 @@ impl Cache {
                     (Ok(_), None) => unreachable!("a value exists for every success"),
                 };
             }
-            if !wait_for(me, flight.owner) {
+            if !wait_for(me, &flight) {
                 return Computed::Cycle;
             }
             let mut outcome = flight.outcome.lock();
@@ -387,6 +400,8 @@ impl Cache {
             drop(outcome);
             done_waiting(me);
             if let Some(v) = value {
+                // Another thread computed it: for this caller it was a hit.
+                self.miss_was_hit();
                 return Computed::Value(v);
             }
             // The leader failed; if this thread still can, it tries itself.
@@ -394,6 +409,14 @@ impl Cache {
                 return Computed::Cycle;
             }
         }
+    }
+
+    /// Turns the miss this caller's lookup counted into a hit: it got the
+    /// value without computing it (another thread's flight delivered it).
+    fn miss_was_hit(&self) {
+        let mut inner = self.inner.lock();
+        inner.misses = inner.misses.saturating_sub(1);
+        inner.hits += 1;
     }
 
     /// Changes the bounds, evicting at once if the new ones are tighter.
@@ -437,9 +460,19 @@ impl Cache {
     }
 }
 
-/// Records that `me` waits for `owner`; false if that closes a cycle.
-fn wait_for(me: ThreadId, owner: ThreadId) -> bool {
+/// Records that `me` waits for `flight`'s leader; false if that closes a
+/// cycle.
+fn wait_for(me: ThreadId, flight: &Flight) -> bool {
     let mut waits = WAITS_FOR.lock();
+    // Landed already (its leader's removal of edges ran before we could
+    // add ours): nothing to wait for, and no edge to leave behind. The
+    // leader stores the outcome before it takes this lock, so checking it
+    // under the lock leaves no window.
+    if flight.outcome.lock().is_some() {
+        return true;
+    }
+    let owner = flight.owner;
+    let flight = flight as *const Flight as usize;
     let waits = waits.get_or_insert_with(HashMap::new);
     let mut cur = owner;
     loop {
@@ -447,12 +480,20 @@ fn wait_for(me: ThreadId, owner: ThreadId) -> bool {
             return false;
         }
         match waits.get(&cur) {
-            Some(&next) => cur = next,
+            Some(&(next, _)) => cur = next,
             None => break,
         }
     }
-    waits.insert(me, owner);
+    waits.insert(me, (owner, flight));
     true
+}
+
+/// Removes every edge to `flight`: its outcome is known, nobody waits on
+/// it any more.
+fn flight_landed(flight: usize) {
+    if let Some(waits) = WAITS_FOR.lock().as_mut() {
+        waits.retain(|_, (_, f)| *f != flight);
+    }
 }
 
 fn done_waiting(me: ThreadId) {
@@ -760,7 +801,9 @@ mod tests {
             }
         });
         assert_eq!(computed.into_inner(), 1);
-        assert_eq!(c.stats().inserts, 1);
+        let s = c.stats();
+        assert_eq!(s.inserts, 1);
+        assert_eq!((s.misses, s.hits), (1, 7), "waiters count as hits: {s:?}");
     }
 
     #[test]

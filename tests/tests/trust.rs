@@ -41,3 +41,52 @@ fn a_call_right_after_a_build_answers_that_build() {
         "{out:?}"
     );
 }
+
+/// Concurrent memoized recursion without any cycle never reports one (a
+/// woken waiter used to stay in the waits-for graph and close false cycles),
+/// and two callers on one cold key count one miss and one hit.
+#[test]
+fn concurrent_memoized_recursion_has_no_false_cycles_and_honest_figures() {
+    use keepwarm::{Config, Host};
+    let host = Host::new(Config::new(built_library("faults"))).unwrap();
+    host.reload(false).unwrap();
+    const THREADS: u64 = 4;
+    const CALLS: u64 = 25_000;
+    let cycles = std::sync::atomic::AtomicU64::new(0);
+    std::thread::scope(|s| {
+        for t in 0..THREADS {
+            let (host, cycles) = (&host, &cycles);
+            std::thread::Builder::new()
+                .stack_size(64 << 20)
+                .spawn_scoped(s, move || {
+                    let mut x = t.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+                    for i in 0..CALLS {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        let k = x % 300;
+                        if i % 97 == 0 {
+                            host.reset("depth"); // keep it cold
+                        }
+                        match host.call("depth", &[k.into()]) {
+                            Ok(v) => assert_eq!(v, k),
+                            Err(e) if e.to_string().contains("cycle") => {
+                                cycles.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            }
+                            Err(e) => panic!("depth({k}): {e}"),
+                        }
+                    }
+                })
+                .unwrap();
+        }
+    });
+    let cycles = cycles.into_inner();
+    eprintln!(
+        "{} calls by {THREADS} threads: {cycles} cycle errors",
+        THREADS * CALLS
+    );
+    assert_eq!(cycles, 0);
+    // A real cycle is still reported.
+    let err = host.call("cycle", &[1.into()]).unwrap_err();
+    assert!(err.to_string().contains("cycle"), "{err}");
+}
