@@ -90,3 +90,48 @@ fn concurrent_memoized_recursion_has_no_false_cycles_and_honest_figures() {
     let err = host.call("cycle", &[1.into()]).unwrap_err();
     assert!(err.to_string().contains("cycle"), "{err}");
 }
+
+/// Adding `version = N`, or `reset_on_change`, to a plain `#[memo]`
+/// together with a new body resets its cache: the old body's values are
+/// never served (issue 11, rows 1 and 2).
+#[test]
+fn adding_version_or_reset_on_change_resets_the_cache() {
+    use keepwarm_tests::Scratch;
+    let plugin = Scratch::copy_of("example-plugin", "kw_trust_identity");
+    let lib = plugin.build();
+    let host = HostProcess::start(&lib, &[]);
+    host.wait_for("generation 1 loaded");
+    assert_eq!(host.call("square", &["10"]), 100);
+    // A new body, and `version = 2` where there was none.
+    plugin.edit(|s| {
+        s.replace(
+            "#[memo(max_entries = 100_000)]",
+            "#[memo(max_entries = 100_000, version = 2)]",
+        )
+        .replace("x.checked_mul(x)", "x.checked_mul(x + 1)")
+    });
+    plugin.build();
+    let line = host.wait_for("generation 2 reloaded");
+    assert!(
+        line.contains("reset because their code changed: square"),
+        "{line}"
+    );
+    assert_eq!(host.call("square", &["10"]), 110, "the new body answers");
+    // Back to x * x, `reset_on_change` instead of the version.
+    plugin.edit(|s| {
+        s.replace(
+            "#[memo(max_entries = 100_000, version = 2)]",
+            "#[memo(max_entries = 100_000, reset_on_change)]",
+        )
+        .replace("x.checked_mul(x + 1)", "x.checked_mul(x)")
+    });
+    plugin.build();
+    let line = host.wait_for("generation 3 reloaded");
+    assert!(
+        line.contains("reset because their code changed: square"),
+        "{line}"
+    );
+    assert_eq!(host.call("square", &["10"]), 100);
+    // fib and count_primes did not change: kept.
+    assert_eq!(host.stats()["fib"]["resets"], 0);
+}

@@ -118,15 +118,26 @@ pub fn memo(attr: TokenStream, item: TokenStream) -> TokenStream {
         );
     };
     let cache = name.unwrap_or_else(|| f.sig.ident.to_string());
-    // The code hash: the function's own tokens (reset_on_change) and/or the
-    // version tag; 0 when neither is asked for.
-    let mut code_hash = 0u64;
-    if reset_on_change {
-        code_hash = fnv64(original.to_string().as_bytes());
-    }
-    if let Some(v) = version {
-        code_hash = fnv64(&[code_hash.to_le_bytes(), v.to_le_bytes()].concat()) | 1;
-    }
+    // The code hash names what the cache's entries depend on: the
+    // function's own tokens (with reset_on_change), the version (with
+    // version = N), and which of the two the attribute asks for. It is never
+    // 0, so adding `version` or `reset_on_change` to a plain #[memo] changes
+    // it and resets the cache; a plain #[memo] keeps one hash through body
+    // edits (by design: its entries survive them).
+    let body = if reset_on_change {
+        fnv64(original.to_string().as_bytes())
+    } else {
+        0
+    };
+    let code_hash = fnv64(
+        &[
+            b"keepwarm memo identity 1".as_slice(),
+            &body.to_le_bytes(),
+            &[u8::from(reset_on_change), u8::from(version.is_some())],
+            &version.unwrap_or(0).to_le_bytes(),
+        ]
+        .concat(),
+    ) | 1;
     let attrs = &f.attrs;
     let vis = &f.vis;
     let sig = &f.sig;
