@@ -625,6 +625,24 @@ impl Library {
                         c.max_bytes
                     }),
                 });
+                if let Some(seen) = caches.iter_mut().find(|d: &&mut CacheDecl| d.name == name) {
+                    // Declared twice: fine when one of the two carries no
+                    // identity (plugin!'s `caches:` bounding a #[memo]
+                    // cache); two identities are two functions that would
+                    // read each other's entries.
+                    if seen.code_hash != 0 && c.code_hash != 0 && seen.code_hash != c.code_hash {
+                        return Err(LoadError::BadDescriptor(format!(
+                            "the cache `{name}` is declared by two different #[memo] functions (two functions named `{name}` in different modules?); they would serve each other's values — give each its own #[memo(name = \"...\")]"
+                        )));
+                    }
+                    if seen.code_hash == 0 {
+                        seen.code_hash = c.code_hash;
+                    }
+                    if seen.bounds.is_none() {
+                        seen.bounds = bounds;
+                    }
+                    continue;
+                }
                 caches.push(CacheDecl {
                     name,
                     bounds,

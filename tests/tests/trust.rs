@@ -135,3 +135,29 @@ fn adding_version_or_reset_on_change_resets_the_cache() {
     // fib and count_primes did not change: kept.
     assert_eq!(host.stats()["fib"]["resets"], 0);
 }
+
+/// Two `#[memo]` functions of one name in two modules would share one
+/// cache and serve each other's values: the host refuses such a plugin and
+/// says what to do (issue 11, row 4).
+#[test]
+fn two_memo_functions_of_one_name_are_refused() {
+    use keepwarm_tests::Scratch;
+    let plugin = Scratch::copy_of("example-plugin", "kw_trust_same_name");
+    plugin.edit(|s| {
+        s.replace(
+            "keepwarm_api::plugin!",
+            "mod plus {\n    #[keepwarm_api::memo]\n    pub fn calc(x: u64) -> u64 { x + x }\n}\n\
+             mod times {\n    #[keepwarm_api::memo]\n    pub fn calc(x: u64) -> u64 { x * x }\n}\n\
+             #[keepwarm_api::export]\npub fn both(x: u64) -> (u64, u64) { (plus::calc(x), times::calc(x)) }\n\n\
+             keepwarm_api::plugin!",
+        )
+    });
+    let lib = plugin.build();
+    let host = HostProcess::start(&lib, &[]);
+    let line = host.wait_for("refused");
+    assert!(
+        line.contains("the cache `calc` is declared by two different #[memo] functions"),
+        "{line}"
+    );
+    assert_eq!(host.status()["generation"], 0);
+}

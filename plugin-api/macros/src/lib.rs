@@ -156,7 +156,21 @@ pub fn memo(attr: TokenStream, item: TokenStream) -> TokenStream {
             static __KW_MEMO_CACHE: ::keepwarm_api::abi::KwCacheDecl = ::keepwarm_api::cache(#cache)
                 .max_entries(#max_entries)
                 .max_bytes(#max_bytes)
-                .code_hash(#code_hash);
+                .code_hash({
+                    // The module path is part of the identity: two #[memo]
+                    // functions of one name in two modules never share
+                    // entries (the host refuses such a plugin).
+                    const fn fnv(mut hash: u64, text: &str) -> u64 {
+                        let bytes = text.as_bytes();
+                        let mut i = 0;
+                        while i < bytes.len() {
+                            hash = (hash ^ bytes[i] as u64).wrapping_mul(0x0100_0000_01b3);
+                            i += 1;
+                        }
+                        hash
+                    }
+                    fnv(#code_hash, ::core::module_path!()) | 1
+                });
             static __KW_MEMO_HANDLE: ::keepwarm_api::HostCache = ::keepwarm_api::HostCache::new(#cache);
             #(#checks)*
             #ret_check
