@@ -91,6 +91,9 @@ pub struct RunArgs {
     /// Bound a cache: at most ENTRIES entries and, optionally, BYTES bytes of keys plus values
     #[arg(long = "cache", value_name = "NAME=ENTRIES[:BYTES]", value_parser = parse_cache_bound)]
     pub caches: Vec<(String, Bounds)>,
+    /// Call FN (no arguments) after every successful load and print its result
+    #[arg(long, value_name = "FN")]
+    pub then: Option<String>,
 }
 
 fn parse_cache_bound(s: &str) -> Result<(String, Bounds), String> {

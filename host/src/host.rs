@@ -25,6 +25,9 @@ pub struct Config {
     pub cache_bounds: HashMap<String, Bounds>,
     /// Where the host's lines go (standard output by default).
     pub printer: Printer,
+    /// A function to call, with no arguments, after every successful load;
+    /// its result (or error) is printed (`keepwarm run --then FN`).
+    pub then: Option<String>,
 }
 
 impl Config {
@@ -34,6 +37,7 @@ impl Config {
             library: library.into(),
             cache_bounds: HashMap::new(),
             printer: Arc::new(crate::output::out),
+            then: None,
         }
     }
 }
@@ -122,6 +126,7 @@ pub struct Host {
     seen: Mutex<Option<(crate::loader::FileId, Option<String>)>>,
     failed_reloads: Mutex<u64>,
     printer: Arc<RwLock<Printer>>,
+    then: Option<String>,
     shadow_dir: crate::paths::ShadowDir,
 }
 
@@ -149,6 +154,7 @@ impl Host {
             seen: Mutex::new(None),
             failed_reloads: Mutex::new(0),
             printer: Arc::new(RwLock::new(config.printer)),
+            then: config.then,
             shadow_dir,
         }))
     }
@@ -272,6 +278,8 @@ impl Host {
                 let old = self.current.write().replace(generation);
                 drop(old);
                 self.print(&line);
+                drop(state);
+                self.run_then();
                 Ok(Reloaded::Loaded {
                     generation: number,
                     reset,
@@ -356,6 +364,16 @@ impl Host {
             ));
         }
         line
+    }
+
+    /// Calls the `--then` function, if any, and prints what it answered.
+    fn run_then(&self) {
+        let Some(function) = &self.then else { return };
+        let line = match self.call(function, &[]) {
+            Ok(value) => format!("keepwarm: {function}() = {value}"),
+            Err(e) => format!("keepwarm: {function}() failed: {e} (the host keeps serving)"),
+        };
+        self.print(&line);
     }
 
     /// Records whether the library path is missing (deleted by `cargo

@@ -71,6 +71,7 @@ fn client_error(e: &ClientError) -> i32 {
 fn run(args: RunArgs, socket: Option<std::path::PathBuf>) -> anyhow::Result<()> {
     let mut config = Config::new(&args.library);
     config.cache_bounds = args.caches.into_iter().collect();
+    config.then = args.then;
     Serve {
         config,
         socket,

@@ -161,3 +161,21 @@ fn two_memo_functions_of_one_name_are_refused() {
     );
     assert_eq!(host.status()["generation"], 0);
 }
+
+/// `keepwarm run LIB --then FN`, the compiled `runfile`: FN's answer after
+/// every successful load; a failing FN is reported and the host serves on
+/// (issue 11, row 8).
+#[test]
+fn then_calls_its_function_after_every_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let lib = dir.path().join("libplugin.so");
+    std::fs::copy(built_library("swap_a"), &lib).unwrap();
+    let host = HostProcess::start(&lib, &["--then", "version"]);
+    host.wait_for("keepwarm: version() = \"a\"");
+    replace_atomically(&built_library("swap_b"), &lib);
+    host.wait_for("keepwarm: version() = \"b\"");
+    let failing = HostProcess::start(&built_library("faults"), &["--then", "boom"]);
+    let line = failing.wait_for("boom() failed");
+    assert!(line.contains("keeps serving"), "{line}");
+    assert_eq!(failing.call("ok", &["3"]), 3);
+}
