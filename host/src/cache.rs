@@ -93,6 +93,11 @@ pub struct CacheStats {
     pub evictions: u64,
     /// Times the cache was reset.
     pub resets: u64,
+    /// Values refused because the code that computed them is no longer
+    /// the code the cache belongs to (an old generation's call finishing
+    /// after a reload changed the cache's identity).
+    #[serde(default)]
+    pub stale_puts: u64,
 }
 
 /// Why a put was refused.
@@ -111,6 +116,7 @@ struct Inner {
     inserts: u64,
     evictions: u64,
     resets: u64,
+    stale_puts: u64,
     code_hash: u64,
     /// Bumped by every reset: a computation that started before a reset
     /// must not store its (stale) value after it.
@@ -212,6 +218,7 @@ impl Cache {
                 inserts: 0,
                 evictions: 0,
                 resets: 0,
+                stale_puts: 0,
                 code_hash: 0,
                 epoch: 0,
             }),
@@ -269,15 +276,33 @@ impl Cache {
     /// the bounds hold again.
     pub fn put(&self, key: &[u8], value: &[u8]) -> Result<(), PutError> {
         // Copy outside the lock: the critical section stays short.
-        self.store(key, Arc::from(value), None)
+        self.store(key, Arc::from(value), None, 0)
+    }
+
+    /// Stores `value` as computed by code of identity `identity` (the code
+    /// hash its generation declared for this cache; 0: unknown, always
+    /// stored). A value whose identity is not the cache's current one is
+    /// dropped and counted in `stale_puts`; `Ok` is returned either way.
+    pub fn put_as(&self, key: &[u8], value: &[u8], identity: u64) -> Result<(), PutError> {
+        self.store(key, Arc::from(value), None, identity)
     }
 
     /// Stores `value` unless the cache was reset since `epoch` (then the
     /// value is dropped and `Ok` returned: a reset wins over a computation
     /// that started before it).
-    fn store(&self, key: &[u8], value: Arc<[u8]>, epoch: Option<u64>) -> Result<(), PutError> {
+    fn store(
+        &self,
+        key: &[u8],
+        value: Arc<[u8]>,
+        epoch: Option<u64>,
+        identity: u64,
+    ) -> Result<(), PutError> {
         let size = entry_bytes(key, &value);
         let mut inner = self.inner.lock();
+        if identity != 0 && inner.code_hash != 0 && identity != inner.code_hash {
+            inner.stale_puts += 1;
+            return Ok(());
+        }
         if epoch.is_some_and(|e| e != inner.epoch) {
             return Ok(());
         }
@@ -335,6 +360,18 @@ impl Cache {
         key: &[u8],
         compute: impl FnOnce() -> Result<Vec<u8>, E>,
     ) -> Computed<E> {
+        self.compute_missing_as(key, 0, compute)
+    }
+
+    /// [`Cache::compute_missing`] for code of identity `identity` (see
+    /// [`Cache::put_as`]): a value computed by code that is no longer the
+    /// cache's is returned to its caller but not stored.
+    pub fn compute_missing_as<E>(
+        &self,
+        key: &[u8],
+        identity: u64,
+        compute: impl FnOnce() -> Result<Vec<u8>, E>,
+    ) -> Computed<E> {
         let me = std::thread::current().id();
         let mut compute = Some(compute);
         loop {
@@ -374,7 +411,7 @@ impl Cache {
                     Ok(bytes) => {
                         let v: Arc<[u8]> = Arc::from(bytes.as_slice());
                         // Too large for the cache: the caller still gets it.
-                        let _ = self.store(key, Arc::clone(&v), Some(epoch));
+                        let _ = self.store(key, Arc::clone(&v), Some(epoch), identity);
                         Some(v)
                     }
                     Err(_) => None,
@@ -456,6 +493,7 @@ impl Cache {
             inserts: inner.inserts,
             evictions: inner.evictions,
             resets: inner.resets,
+            stale_puts: inner.stale_puts,
         }
     }
 }
@@ -769,6 +807,26 @@ mod tests {
         assert_eq!(store.cache("new").bounds(), Bounds::default());
         let names: Vec<_> = store.stats().into_iter().map(|s| s.name).collect();
         assert_eq!(names, ["fib", "new", "square"]);
+    }
+
+    #[test]
+    fn a_value_from_obsolete_code_is_not_stored() {
+        let store = Store::default();
+        store.declare("f", None, 1);
+        let c = store.cache("f");
+        c.put_as(b"k", b"old code", 1).unwrap();
+        assert!(store.declare("f", None, 2), "new code: reset");
+        c.put_as(b"k", b"old code again", 1).unwrap();
+        assert!(c.get(b"k").is_none(), "the old generation cannot refill it");
+        c.put_as(b"k", b"new code", 2).unwrap();
+        assert_eq!(&*c.get(b"k").unwrap(), b"new code");
+        let r = c.compute_missing_as(b"j", 1, || Ok::<_, ()>(b"old".to_vec()));
+        assert!(
+            matches!(r, Computed::Value(v) if &*v == b"old"),
+            "the caller still gets it"
+        );
+        assert!(c.get(b"j").is_none());
+        assert_eq!(c.stats().stale_puts, 2);
     }
 
     #[test]

@@ -315,7 +315,13 @@ impl Host {
             .path()
             .join(format!("gen-{number}-{}", self.file_name()));
         let mut library = Library::open(bytes, shadow)?;
-        let table = HostTable::new(number, Arc::clone(&self.store), self.log_sink());
+        let declared = library
+            .caches
+            .iter()
+            .filter(|d| d.code_hash != 0)
+            .map(|d| (Box::from(d.name.as_bytes()), d.code_hash))
+            .collect();
+        let table = HostTable::new(number, Arc::clone(&self.store), self.log_sink(), declared);
         // SAFETY: host tables are never freed, so the table outlives the
         // library whatever happens.
         if let Err(e) = unsafe { library.run_on_load(table.as_ptr()) } {

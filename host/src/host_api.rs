@@ -6,6 +6,7 @@
 //! inside [`keepwarm_api::ffi_boundary`], so a host bug can never unwind into
 //! plugin code.
 
+use std::collections::HashMap;
 use std::ffi::c_void;
 use std::mem::MaybeUninit;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -28,11 +29,22 @@ pub struct HostContext {
     /// The caches this generation opened handles on. The store never drops
     /// a cache, but holding them here makes a handle's validity this
     /// context's own guarantee rather than the store's policy.
-    opened: Mutex<Vec<Arc<Cache>>>,
+    opened: Mutex<Vec<Box<Opened>>>,
+    /// The code hash this generation declared for each cache (non-zero
+    /// only): the identity its values are stored under.
+    declared: HashMap<Box<[u8]>, u64>,
     /// Set once the generation's `on_unload` returned (or its `on_load`
     /// refused): every later call through this table answers
     /// [`abi::KW_RETIRED`] and touches nothing.
     retired: AtomicBool,
+}
+
+/// What a cache handle points to: the cache, and the identity this
+/// generation's values for it carry. Boxed in the context's `opened` list,
+/// which is never shrunk, so the address stays valid.
+pub struct Opened {
+    cache: Arc<Cache>,
+    identity: u64,
 }
 
 /// A generation's host table with the context it points to.
@@ -53,12 +65,18 @@ unsafe impl Sync for HostTable {}
 
 impl HostTable {
     /// A table for `generation`, backed by `store`.
-    pub fn new(generation: u64, store: Arc<Store>, log: LogSink) -> HostTable {
+    pub fn new(
+        generation: u64,
+        store: Arc<Store>,
+        log: LogSink,
+        declared: HashMap<Box<[u8]>, u64>,
+    ) -> HostTable {
         let context: &'static HostContext = Box::leak(Box::new(HostContext {
             generation,
             store,
             log,
             opened: Mutex::new(Vec::new()),
+            declared,
             retired: AtomicBool::new(false),
         }));
         let table = Box::leak(Box::new(KwHostApi {
@@ -179,10 +197,18 @@ unsafe fn lend(value: Arc<[u8]>, out: *mut KwValue) {
 /// # Safety
 /// `handle` must be NULL or a handle from `cache_open` of a live context
 /// (the ABI contract: handles are only passed back to the table that made them).
-unsafe fn handle<'a>(handle: KwCacheHandle) -> Option<&'a Cache> {
-    // SAFETY: per the contract, NULL or the address of a Cache that the
-    // context's `opened` list keeps alive.
-    unsafe { (handle as *const Cache).as_ref() }
+unsafe fn handle<'a>(handle: KwCacheHandle) -> Option<&'a Opened> {
+    // SAFETY: per the contract, NULL or the address of an Opened that the
+    // context's `opened` list keeps alive (contexts are never freed).
+    unsafe { (handle as *const Opened).as_ref() }
+}
+
+impl HostContext {
+    /// The identity this generation's values for `cache` carry (0: none
+    /// declared, always stored).
+    fn identity(&self, cache: &[u8]) -> u64 {
+        self.declared.get(cache).copied().unwrap_or(0)
+    }
 }
 
 /// The plugin's copy-out buffer; an empty one when `cap` is 0.
@@ -219,11 +245,19 @@ unsafe extern "C" fn cache_open(
             return abi::KW_INVALID_ARGUMENT;
         }
         let cache = ctx.store.cache(name);
-        let ptr = Arc::as_ptr(&cache);
         let mut opened = ctx.opened.lock();
-        if !opened.iter().any(|c| Arc::ptr_eq(c, &cache)) {
-            opened.push(cache);
-        }
+        let ptr = match opened.iter().find(|o| Arc::ptr_eq(&o.cache, &cache)) {
+            Some(o) => &**o as *const Opened,
+            None => {
+                let o = Box::new(Opened {
+                    identity: ctx.identity(name.as_bytes()),
+                    cache,
+                });
+                let ptr = &*o as *const Opened;
+                opened.push(o);
+                ptr
+            }
+        };
         // SAFETY: `out` is non-NULL and points to the plugin's handle.
         unsafe { out.write(ptr as KwCacheHandle) };
         abi::KW_OK
@@ -231,7 +265,7 @@ unsafe extern "C" fn cache_open(
 }
 
 /// The cache, the key and the copy-out buffer of a copy-out lookup.
-type IntoArgs<'a> = (&'a Cache, &'a [u8], &'a mut [MaybeUninit<u8>]);
+type IntoArgs<'a> = (&'a Opened, &'a [u8], &'a mut [MaybeUninit<u8>]);
 
 /// The arguments of a copy-out lookup as Rust values; `None` when one is
 /// unusable (a NULL pointer).
@@ -273,7 +307,7 @@ unsafe extern "C" fn cache_get_into(
         let Some((cache, key, buf)) = (unsafe { into_args(ctx, cache, key, buf, cap, out) }) else {
             return abi::KW_INVALID_ARGUMENT;
         };
-        let found = cache.get_into(key, buf);
+        let found = cache.cache.get_into(key, buf);
         // SAFETY: `out` is non-NULL and points to the plugin's KwValue.
         unsafe { hand_out(found, buf, out) }
     })
@@ -327,7 +361,7 @@ unsafe extern "C" fn cache_put_handle(
         if ctx.is_null() {
             return abi::KW_INVALID_ARGUMENT;
         }
-        put_status(cache.put(key, value))
+        put_status(cache.cache.put_as(key, value, cache.identity))
     })
 }
 
@@ -392,10 +426,14 @@ unsafe extern "C" fn cache_get_or_compute_into(
         let Some((cache, key, buf)) = (unsafe { into_args(ctx, cache, key, buf, cap, out) }) else {
             return abi::KW_INVALID_ARGUMENT;
         };
+        let Opened { cache, identity } = cache;
         match cache.get_into(key, buf) {
             // SAFETY: `out` is non-NULL and points to the plugin's KwValue.
             Found::Miss => unsafe {
-                lend_computed(cache.compute_missing(key, || run_compute(compute)), out)
+                lend_computed(
+                    cache.compute_missing_as(key, *identity, || run_compute(compute)),
+                    out,
+                )
             },
             // SAFETY: as above.
             found => unsafe { hand_out(found, buf, out) },
@@ -428,9 +466,14 @@ unsafe extern "C" fn cache_get_or_compute(
         }
         // No store lock is held while computing: the cache is looked up (or
         // created) first, then computed into with no lock.
+        let identity = ctx.identity(cache.as_bytes());
         let cache = ctx.store.cache(cache);
+        let computed = match cache.get(key) {
+            Some(v) => Computed::Value(v),
+            None => cache.compute_missing_as(key, identity, || run_compute(compute)),
+        };
         // SAFETY: `out` is non-NULL and points to the plugin's KwValue.
-        unsafe { lend_computed(cache.get_or_compute(key, || run_compute(compute)), out) }
+        unsafe { lend_computed(computed, out) }
     })
 }
 
@@ -474,7 +517,9 @@ unsafe extern "C" fn cache_put(
             return abi::KW_INVALID_ARGUMENT;
         };
         ctx.store
-            .with_cache(cache, |c| put_status(c.put(key, value)))
+            .with_cache(cache, |c| {
+                put_status(c.put_as(key, value, ctx.identity(cache)))
+            })
             .unwrap_or(abi::KW_INVALID_ARGUMENT)
     })
 }

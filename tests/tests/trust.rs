@@ -179,3 +179,54 @@ fn then_calls_its_function_after_every_load() {
     assert!(line.contains("keeps serving"), "{line}");
     assert_eq!(failing.call("ok", &["3"]), 3);
 }
+
+/// After a `reset_on_change` reload, a call still running on the old
+/// generation cannot refill the reset cache with old-code values: its
+/// stores are dropped and counted as `stale_puts` (issue 11, row 3).
+#[test]
+fn an_old_generation_cannot_refill_a_reset_cache() {
+    use keepwarm_tests::Scratch;
+    let plugin = Scratch::copy_of("example-plugin", "kw_trust_stale");
+    plugin.edit(|s| {
+        s + "\n#[memo(reset_on_change)]\nfn slow(n: u64) -> u64 {\n    \
+             std::thread::sleep(std::time::Duration::from_millis(10));\n    n * 10\n}\n\n\
+             #[export]\npub fn fill(k: u64) -> u64 {\n    (0..k).map(slow).sum()\n}\n"
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let v1 = dir.path().join("v1.so");
+    std::fs::copy(plugin.build(), &v1).unwrap();
+    plugin.edit(|s| s.replace("    n * 10\n", "    n * 20\n"));
+    let v2 = dir.path().join("v2.so");
+    std::fs::copy(plugin.build(), &v2).unwrap();
+
+    let lib = dir.path().join("libplugin.so");
+    std::fs::copy(&v1, &lib).unwrap();
+    let host = HostProcess::start(&lib, &[]);
+    host.wait_for("generation 1 loaded");
+    std::thread::scope(|s| {
+        // 300 keys at 10 ms each: still running on generation 1 when
+        // generation 2 lands.
+        let old = s.spawn(|| host.call("fill", &["300"]));
+        let deadline = std::time::Instant::now() + keepwarm_tests::WAIT;
+        while host
+            .stats()
+            .get("slow")
+            .is_none_or(|c| c["entries"].as_u64() < Some(20))
+        {
+            assert!(std::time::Instant::now() < deadline);
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        replace_atomically(&v2, &lib);
+        let line = host.wait_for("generation 2 reloaded");
+        assert!(
+            line.contains("reset because their code changed: slow"),
+            "{line}"
+        );
+        // The old call finishes with old values (it is old code).
+        assert_eq!(old.join().unwrap(), 10 * 44_850);
+    });
+    let slow = &host.stats()["slow"];
+    assert!(slow["stale_puts"].as_u64().unwrap() > 0, "{slow}");
+    // Every value the new generation sees is its own: 20 n, never 10 n.
+    assert_eq!(host.call("fill", &["300"]), 20 * 44_850);
+}
