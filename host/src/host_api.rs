@@ -29,6 +29,9 @@ pub struct HostContext {
     /// The caches this generation opened handles on. The store never drops
     /// a cache, but holding them here makes a handle's validity this
     /// context's own guarantee rather than the store's policy.
+    // Boxed: a handle is the address of its Opened, which must not move
+    // when the Vec grows.
+    #[allow(clippy::vec_box)]
     opened: Mutex<Vec<Box<Opened>>>,
     /// The code hash this generation declared for each cache (non-zero
     /// only): the identity its values are stored under.
