@@ -133,11 +133,12 @@ pub fn run_line(host: &Host, line: &str) -> bool {
                 // plugin's thread-locals then never pin a generation in
                 // memory, and deep recursion gets the control socket's stack.
                 ControlCommand::Call { .. } => std::thread::scope(|s| {
+                    let spawning = crate::threads::Spawning::begin();
                     std::thread::Builder::new()
                         .name("keepwarm-prompt-call".into())
                         .stack_size(crate::control::server::CALL_STACK_BYTES)
                         .spawn_scoped(s, || {
-                            crate::threads::register_current();
+                            spawning.registered();
                             crate::control::handle(host, command.to_request())
                         })
                         .map(|t| t.join())

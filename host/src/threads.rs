@@ -12,10 +12,47 @@
 
 use std::cell::Cell;
 use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use parking_lot::Mutex;
 
 static HOST_THREADS: Mutex<BTreeSet<i32>> = Mutex::new(BTreeSet::new());
+
+/// Host threads created but not registered yet: a census waits for them,
+/// so a thread caught between its creation and its registration is never
+/// taken for a plugin's.
+static SPAWNING: AtomicUsize = AtomicUsize::new(0);
+
+/// A host thread on its way: made by [`Spawning::begin`] in the parent,
+/// moved into the new thread, which calls [`Spawning::registered`] once it
+/// has registered (or it is dropped, if the thread could not be made).
+pub struct Spawning(bool);
+
+impl Spawning {
+    /// Announces a host thread about to be created.
+    pub fn begin() -> Spawning {
+        SPAWNING.fetch_add(1, Ordering::SeqCst);
+        Spawning(true)
+    }
+
+    /// Registers the calling (new) thread and ends the announcement.
+    pub fn registered(mut self) {
+        register_current();
+        self.end();
+    }
+
+    fn end(&mut self) {
+        if std::mem::take(&mut self.0) {
+            SPAWNING.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+}
+
+impl Drop for Spawning {
+    fn drop(&mut self) {
+        self.end();
+    }
+}
 
 thread_local! {
     static REGISTERED: Cell<bool> = const { Cell::new(false) };
@@ -56,6 +93,12 @@ pub fn register_new_since(before: &BTreeSet<i32>) {
 /// The threads alive now that were not alive at `before` and are not the
 /// host's: those a library opened after `before` may have started.
 pub fn foreign_since(before: &BTreeSet<i32>) -> Vec<i32> {
+    // Let host threads on their way register first (bounded: a thread
+    // that cannot start within a second is judged as it is).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+    while SPAWNING.load(Ordering::SeqCst) > 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
     let now = alive();
     let mut host = HOST_THREADS.lock();
     // Forget threads that exited, so a reused id is never taken for ours.
@@ -76,8 +119,9 @@ pub fn spawn<T: Send + 'static>(
     if let Some(bytes) = stack {
         builder = builder.stack_size(bytes);
     }
+    let spawning = Spawning::begin();
     builder.spawn(move || {
-        register_current();
+        spawning.registered();
         f()
     })
 }

@@ -8,6 +8,15 @@
  * in hot code, host_cache_open once and host_cache_get_into /
  * host_cache_put_handle with the handle.
  * See tests/fixtures/c_plugin/plugin.c for a whole plugin.
+ *
+ * Ownership, in short (each type below says it in full): a KwSlice or a
+ * KwOutput passed into a call is borrowed for the duration of that call;
+ * a KwValue whose lease is not NULL is lent by the host until
+ * host_value_release, one whose lease is NULL is a copy in your own buffer;
+ * the host table (keepwarm_host) and cache handles are valid from on_load
+ * until on_unload returns; the descriptor is static data of your library.
+ * Neither side ever frees what the other allocated. Including this header
+ * more than once is harmless.
  */
 
 #ifndef KEEPWARM_H
@@ -56,11 +65,14 @@ typedef int32_t KwStatus;
 /**
  * A borrowed view of bytes (or of UTF-8 text, where a name is expected).
  *
- * Ownership: the side that passes a `KwSlice` keeps owning the memory; the
- * receiver may read `len` bytes from `ptr` only for the duration of the call
- * it was passed to, and must copy what it wants to keep. `ptr` may be NULL
- * only when `len` is 0. In a [`KwPlugin`] or [`KwFunction`] the memory is
- * static data of the plugin and stays valid while the library is loaded.
+ * Ownership: the side that passes a `KwSlice` keeps owning the memory, and
+ * the receiver never frees it. The memory exposed is available for the
+ * duration of the call the slice was passed to (a function's `args`, a
+ * cache name, key or value given to a host function, a log message): the
+ * receiver must copy what it wants to keep, and the host does (a stored key
+ * or value is the host's own copy). `ptr` may be NULL only when `len` is 0.
+ * In a [`KwPlugin`], [`KwFunction`] or [`KwCacheDecl`] the memory is static
+ * data of the plugin and stays valid while the library is loaded.
  */
 typedef struct KwSlice {
   /**
@@ -78,8 +90,12 @@ typedef struct KwSlice {
  * result (or its error message) through `write`, possibly in several pieces,
  * and the bytes are copied into the owner's buffer at once.
  *
- * Ownership: `ctx` belongs to the owner and is valid only during the call the
- * output was passed to. The callee must not keep the pointer.
+ * Ownership: the output and its `ctx` belong to the side that passed it (the
+ * host, for a function call or `on_load`; the host again, for a
+ * [`KwCompute`]) and are valid only until the call it was passed to returns.
+ * The callee must not keep either pointer, nor call `write` from another
+ * thread after returning. `write` copies the `len` bytes at `ptr` before it
+ * returns, so the writer keeps owning (and may free) its bytes right after.
  */
 typedef struct KwOutput {
   /**
@@ -94,6 +110,11 @@ typedef struct KwOutput {
 
 /**
  * One function the plugin exports, callable by name (`keepwarm call NAME`).
+ *
+ * Ownership: static data of the plugin (part of its [`KwPlugin`]
+ * descriptor), valid and unchanged while the library is loaded; the host
+ * reads it and never frees it. The `args` and `out` of a call are the
+ * host's, valid until the call returns.
  */
 typedef struct KwFunction {
   /**
@@ -111,6 +132,10 @@ typedef struct KwFunction {
 /**
  * A cache the plugin declares, so the host creates it with bounds before the
  * first call.
+ *
+ * Ownership: static data of the plugin, like the descriptor that points to
+ * it; the host copies the name when it creates the cache (the cache and its
+ * entries belong to the host and outlive the generation).
  */
 typedef struct KwCacheDecl {
   /**
@@ -133,12 +158,24 @@ typedef struct KwCacheDecl {
 } KwCacheDecl;
 
 /**
- * A cached value handed to the plugin by [`KwHostApi::cache_get`].
+ * A cached value handed to the plugin by [`KwHostApi::cache_get`] (and the
+ * other lookups that write a `KwValue`).
  *
- * Ownership: the host owns the bytes. They stay valid and unchanged, even if
- * the entry is evicted or the cache reset meanwhile, until the plugin passes
- * the value to [`KwHostApi::value_release`], which it must do exactly once.
- * No host lock is held while the plugin holds a value.
+ * Ownership depends on `lease`:
+ * - `lease` not NULL: the value is *lent* by the host, which owns the bytes.
+ *   They stay valid and unchanged, even if the entry is evicted or the cache
+ *   reset meanwhile, until the plugin passes the value to
+ *   [`KwHostApi::value_release`], which it must do exactly once (then `ptr`
+ *   must not be read again). No host lock is held while the plugin holds a
+ *   value.
+ * - `lease` NULL: the value is a *copy in the plugin's own buffer* (the
+ *   `buf` given to [`KwHostApi::cache_get_into`] or
+ *   [`KwHostApi::cache_get_or_compute_into`]), so `ptr` is `buf`; the plugin
+ *   owns those bytes, they live as long as its buffer, and there is nothing
+ *   to release (do not pass such a value to `value_release`).
+ *
+ * The plugin allocates the `KwValue` itself (on its stack, typically); the
+ * host only writes its fields.
  */
 typedef struct KwValue {
   /**
@@ -159,8 +196,11 @@ typedef struct KwValue {
  * A computation the host runs on a cache miss in
  * [`KwHostApi::cache_get_or_compute`].
  *
- * Ownership: `user` belongs to the plugin and is only passed back to `call`,
- * during the `cache_get_or_compute` call that received it.
+ * Ownership: `user` belongs to the plugin, which keeps it valid for the
+ * `cache_get_or_compute` call it passes the `KwCompute` to; the host never
+ * reads or frees it, only passes it back to `call` during that same call.
+ * The `out` given to `call` is the host's (see [`KwOutput`]): valid until
+ * `call` returns.
  */
 typedef struct KwCompute {
   /**
@@ -171,7 +211,9 @@ typedef struct KwCompute {
    * Computes the value and writes its bytes to `out`; returns [`KW_OK`]
    * on success, or another status (with a message written to `out`) on
    * failure. Called at most once, on the thread that called
-   * `cache_get_or_compute`, with no host lock held.
+   * `cache_get_or_compute`, with no host lock held. NULL is refused with
+   * [`KW_INVALID_ARGUMENT`] (nothing is computed or stored, and the key
+   * stays free for the next caller).
    */
   KwStatus (*call)(void *user, struct KwOutput *out);
 } KwCompute;
@@ -179,20 +221,27 @@ typedef struct KwCompute {
 /**
  * An opaque handle on one host cache, from [`KwHostApi::cache_open`].
  *
- * Ownership: the host owns what it points to. A handle stays valid, with the
- * table that produced it, for as long as that generation stays loaded; pass
- * it only to the `*_handle`/`*_into` functions of the same table. It survives
- * resets of the cache (a reset empties a cache, it never replaces it).
+ * Ownership: the host owns what it points to; the plugin never frees it and
+ * never reads through it. A handle is valid, like the table that produced
+ * it, from the `cache_open` call that wrote it until the generation's
+ * `on_unload` returns; pass it only to the `*_handle`/`*_into` functions of
+ * that same table (a handle is not carried over to the next generation:
+ * open it again in the new `on_load`). It survives resets of the cache (a
+ * reset empties a cache, it never replaces it).
  */
 typedef const void *KwCacheHandle;
 
 /**
  * The table of host functions that the host hands a plugin in `on_load`.
  *
- * Ownership: the host owns the table and keeps it valid, with everything it
- * points to, for as long as the generation that received it stays loaded.
- * Every function is safe to call from any thread and from inside a cache
- * computation (the host holds no lock while plugin code runs).
+ * Ownership: the host owns the table, its `ctx` and everything they point
+ * to; the plugin never writes or frees them. The plugin may keep the
+ * pointer and call through it from the start of its `on_load` until its
+ * `on_unload` returns: that is the generation's lifetime. After that, a
+ * call through the table (from a thread the plugin left running) answers
+ * [`KW_RETIRED`] and touches nothing; the next generation gets a table of
+ * its own. Every function is safe to call from any thread and from inside a
+ * cache computation (the host holds no lock while plugin code runs).
  */
 typedef struct KwHostApi {
   /**
@@ -295,8 +344,10 @@ typedef struct KwHostApi {
  * The plugin's descriptor, returned by its entry symbol
  * (`keepwarm_plugin`, see [`KW_ENTRY_SYMBOL`](crate::KW_ENTRY_SYMBOL)).
  *
- * Ownership: the plugin owns the descriptor and everything it points to; it
- * must stay valid and unchanged while the library is loaded.
+ * Ownership: the descriptor is static data of the library. The plugin owns
+ * it and everything it points to (name, functions, caches); it must stay
+ * valid and unchanged from the entry symbol's return until the library is
+ * unloaded. The host reads it and never writes or frees it.
  */
 typedef struct KwPlugin {
   /**
@@ -329,19 +380,24 @@ typedef struct KwPlugin {
   size_t cache_count;
   /**
    * Called once after the ABI check and before the generation goes live.
-   * Receives the host table (valid while this generation is loaded). A
-   * status other than [`KW_OK`] refuses the load; a message may be written
-   * to `err`.
+   * Receives the host table (valid from now until `on_unload` returns; see
+   * [`KwHostApi`]) and an output for an error message (valid during this
+   * call only). A status other than [`KW_OK`] refuses the load; a message
+   * may be written to `err`.
    */
   KwStatus (*on_load)(const struct KwHostApi *host, struct KwOutput *err);
   /**
-   * Called once when the generation retires, after its last call returned.
+   * Called once when the generation retires, after its last call returned;
+   * the host table stops answering when it returns. The plugin must stop
+   * any thread it started before returning.
    */
   void (*on_unload)(void);
 } KwPlugin;
 
 /**
- * The signature of the entry symbol.
+ * The signature of the entry symbol. It returns a pointer to the plugin's
+ * static descriptor (see [`KwPlugin`] for how long it stays valid), which
+ * the host never frees.
  */
 typedef const struct KwPlugin *(*KwEntryFn)(void);
 
@@ -384,14 +440,25 @@ typedef const struct KwPlugin *(*KwEntryFn)(void);
  */
 #define KW_CYCLE 6
 
+/**
+ * Any host function called through the table of a generation that has been
+ * unloaded (its `on_unload` returned): nothing was read or stored. A thread a
+ * plugin left running gets this instead of a crash; it should stop.
+ */
+#define KW_RETIRED 7
+
 #endif  /* KEEPWARM_H */
 
 /* ---- Helpers for C plugins (hand-written, part of the header template) ---- */
 
+#ifndef KEEPWARM_H_HELPERS
+#define KEEPWARM_H_HELPERS
+
 /** The name of the entry symbol every plugin exports. */
 #define KW_ENTRY_SYMBOL "keepwarm_plugin"
 
-/** The host table of this generation, set from on_load. */
+/** The host table of this generation, set from on_load; valid until
+ *  on_unload returns (after that its functions answer KW_RETIRED). */
 extern const KwHostApi *keepwarm_host __attribute__((visibility("hidden")));
 
 /** Defines `keepwarm_host`; use once in one source file of the plugin. */
@@ -463,3 +530,5 @@ static inline KwStatus host_cache_put_handle(KwCacheHandle cache, const void *ke
 static inline void host_log(const char *message) {
   keepwarm_host->log(keepwarm_host->ctx, KW_LOG_INFO, kw_str(message));
 }
+
+#endif  /* KEEPWARM_H_HELPERS */

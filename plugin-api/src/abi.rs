@@ -418,6 +418,6 @@ unsafe impl Sync for KwPlugin {}
 unsafe impl Send for KwPlugin {}
 
 /// The signature of the entry symbol. It returns a pointer to the plugin's
-/// static descriptor (see [`KwPlugin`] for how long it stays valid); the host
-/// may call it more than once and must get the same descriptor.
+/// static descriptor (see [`KwPlugin`] for how long it stays valid), which
+/// the host never frees.
 pub type KwEntryFn = unsafe extern "C" fn() -> *const KwPlugin;

@@ -58,6 +58,7 @@
 pub mod abi;
 mod error;
 mod host;
+mod panic_hook;
 #[doc(hidden)]
 pub mod plugin;
 
@@ -176,6 +177,17 @@ macro_rules! log {
 ///   generation goes live; an error refuses the load and the previous
 ///   generation keeps serving;
 /// - `on_unload` (optional): `fn()`, run when the generation retires.
+///
+/// Panics: every function, hook and memoized computation runs inside
+/// [`ffi_boundary`], so a panic is the call's error (`keepwarm call` exits 1
+/// with its message and location) and never unwinds into the host. The
+/// generated `on_load` also replaces the panic hook of this library's own
+/// std (not the host's, nor another plugin's) with one that captures no
+/// backtrace and prints nothing for a panic inside a call: with
+/// `RUST_BACKTRACE=1`, std's default hook would symbolize a backtrace and
+/// keep its debug-info caches after the library is unloaded, tens of MiB per
+/// generation. `on_unload` puts the default hook back. A plugin's own
+/// `on_load` hook runs after that and may set a hook of its own.
 ///
 /// Use it once per library. See the crate docs for an example.
 #[macro_export]

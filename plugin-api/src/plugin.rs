@@ -12,7 +12,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::abi::{self, KwCacheDecl, KwHostApi, KwOutput, KwSlice, KwStatus};
-use crate::Error;
+use crate::{panic_hook, Error};
 
 /// The arguments of one call, as the JSON values `keepwarm call` sent.
 ///
@@ -319,16 +319,28 @@ fn write(out: Option<&KwOutput>, bytes: &[u8]) {
 /// Runs `body` so that no panic escapes: a panic becomes [`abi::KW_PANIC`]
 /// with its message written to `out`. Every shell uses this.
 ///
+/// In a loaded plugin, whose panic hook the SDK replaced at `on_load`, the
+/// message ends with where the panic happened (`panicked: boom (at
+/// src/lib.rs:12:5)`) and nothing is printed: the message is the report.
+///
 /// ```
 /// use keepwarm_api::{abi, ffi_boundary};
 /// assert_eq!(ffi_boundary(None, || abi::KW_OK), abi::KW_OK);
 /// assert_eq!(ffi_boundary(None, || panic!("never crosses the ABI")), abi::KW_PANIC);
 /// ```
 pub fn ffi_boundary(out: Option<&KwOutput>, body: impl FnOnce() -> KwStatus) -> KwStatus {
+    // Entered before catch_unwind so that the hook, which runs before the
+    // unwinding, sees this thread inside a call.
+    let _in_call = panic_hook::InCall::enter();
+    panic_hook::clear();
     match catch_unwind(AssertUnwindSafe(body)) {
         Ok(status) => status,
         Err(payload) => {
-            let message = format!("panicked: {}", panic_message(&*payload));
+            let message = format!(
+                "panicked: {}{}",
+                panic_message(&*payload),
+                panic_hook::take_location()
+            );
             // Writing the message must not panic either (a panicking host write
             // would be a host bug); guard it the same way.
             let _ = catch_unwind(AssertUnwindSafe(|| write(out, message.as_bytes())));
@@ -394,6 +406,10 @@ pub unsafe fn on_load(
     // SAFETY: the host passes a valid output or NULL.
     let err = unsafe { err.as_ref() };
     ffi_boundary(err, || {
+        // First, so that a panic anywhere in this generation, the plugin's
+        // own on_load included, reaches the host as an error and nothing
+        // else (see panic_hook: no backtrace is captured, nothing leaks).
+        panic_hook::install();
         // SAFETY: the host passes a table valid while we are loaded, or NULL.
         let Some(table) = (unsafe { host.as_ref() }) else {
             write(err, b"on_load: the host passed no function table");
@@ -432,6 +448,8 @@ pub fn on_unload(hook: Option<fn()>) {
         }
         abi::KW_OK
     });
+    // Leave std as on_load found it: the default hook.
+    panic_hook::uninstall();
     // SAFETY: NULL is always allowed.
     unsafe { crate::host::install(core::ptr::null()) };
 }
