@@ -109,11 +109,12 @@ impl Serve {
             host.library().display(),
             server.path().display()
         ));
-        // Load before serving: a client that connected meanwhile waits in
-        // the socket's backlog and finds the plugin loaded.
+        // Watch before the first load, so that no change after it is
+        // missed; load before serving, so that a client that connected
+        // meanwhile waits in the socket's backlog and finds the plugin loaded.
+        let watch = watcher::watch(Arc::clone(&host)).context("watching the library")?;
         watcher::load_initial(&host);
         let guard = server.spawn(Arc::clone(&host))?;
-        let watch = watcher::watch(Arc::clone(&host)).context("watching the library")?;
         started(&host)?;
         let wants_prompt = !self.no_repl && std::io::stdin().is_terminal();
         let terminal = TerminalState::save();

@@ -90,7 +90,9 @@ pub const KW_ENTRY_SYMBOL: &str = "keepwarm_plugin";
 /// Options: `name = "..."`, `max_entries = N`, `max_bytes = N` (keys plus
 /// values), `version = N` (a reload that brings another N resets the cache),
 /// `reset_on_change` (a reload that brings a change to the function's own
-/// tokens resets the cache; the reload line names it). Other caches stay warm.
+/// tokens resets the cache; the reload line names it), `option` (a function
+/// returning `Option` caches only `Some`). Other caches stay warm. A function
+/// returning `Result` caches only `Ok`: an `Err` is computed again next time.
 ///
 /// ```
 /// #[keepwarm_api::memo(max_entries = 1000, reset_on_change)]
@@ -131,7 +133,8 @@ pub use keepwarm_macros::export;
 pub mod __private {
     pub use crate::host::{install, installed, Target};
     pub use crate::plugin::{
-        assert_key, assert_value, cached_key, call_json, encode_key, on_load, on_unload,
+        assert_key, assert_value, cached_key, cached_key_if, call_json, encode_key, on_load,
+        on_unload,
     };
     pub use linkme;
 

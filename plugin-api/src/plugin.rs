@@ -174,6 +174,25 @@ where
     V: Serialize + DeserializeOwned,
     F: FnOnce() -> V,
 {
+    cached_key_if(cache, key, compute, |_| true)
+}
+
+/// [`cached_key`] that stores a computed value only when `keep` says so:
+/// what `#[memo]` expands to for a function returning `Result` (only `Ok`
+/// is kept) or, with `#[memo(option)]`, `Option` (only `Some`). A value not
+/// kept is returned to its caller and never shared: a waiter computes its
+/// own.
+#[doc(hidden)]
+pub fn cached_key_if<V, F>(
+    cache: crate::host::Target<'_>,
+    key: Option<Vec<u8>>,
+    compute: F,
+    keep: fn(&V) -> bool,
+) -> V
+where
+    V: Serialize + DeserializeOwned,
+    F: FnOnce() -> V,
+{
     let Some(key_bytes) = key else {
         return compute();
     };
@@ -181,6 +200,7 @@ where
         compute: Some(compute),
         value: None,
         panic: None,
+        keep,
     };
     let status = crate::host::get_or_compute(
         cache,
@@ -211,6 +231,9 @@ where
     // No host, or a stored value of another type: compute and overwrite.
     let compute = state.compute.take().expect("not computed yet");
     let value = compute();
+    if !keep(&value) {
+        return value;
+    }
     if let Some(bytes) = encode(&value) {
         let stored = match cache {
             crate::host::Target::Static(c) => c.put(&key_bytes, &bytes),
@@ -229,6 +252,8 @@ struct Flight<F, V> {
     compute: Option<F>,
     value: Option<V>,
     panic: Option<Box<dyn Any + Send>>,
+    /// Whether a computed value may be stored (an `Err` may not).
+    keep: fn(&V) -> bool,
 }
 
 /// The computation the host runs on a miss.
@@ -252,6 +277,9 @@ where
     match catch_unwind(AssertUnwindSafe(compute)) {
         Ok(value) => {
             let status = match encode(&value) {
+                // Not to be cached: a failure status stores nothing and frees
+                // the key; `cached_key_if` returns the value it kept here.
+                _ if !(flight.keep)(&value) => abi::KW_ERROR,
                 Some(bytes) => {
                     write(out, &bytes);
                     abi::KW_OK

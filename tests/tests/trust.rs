@@ -230,3 +230,39 @@ fn an_old_generation_cannot_refill_a_reset_cache() {
     // Every value the new generation sees is its own: 20 n, never 10 n.
     assert_eq!(host.call("fill", &["300"]), 20 * 44_850);
 }
+
+/// A memoized failure is not remembered: `Err` from a `Result` function,
+/// and `None` from a `#[memo(option)]` function, are computed again once
+/// the condition is gone (issue 11, row 6).
+#[test]
+fn failures_are_not_cached() {
+    use keepwarm_tests::Scratch;
+    let plugin = Scratch::copy_of("example-plugin", "kw_trust_failures");
+    plugin.edit(|s| {
+        s + "\nfn ready() -> bool {\n    \
+             std::env::var_os(\"KW_TEST_FLAG\").is_some_and(|f| std::path::Path::new(&f).exists())\n}\n\n\
+             #[export]\n#[memo]\npub fn flaky(x: u64) -> Result<u64, String> {\n    \
+             if ready() { Ok(x) } else { Err(\"not ready\".into()) }\n}\n\n\
+             #[export]\n#[memo(option)]\npub fn maybe(x: u64) -> Option<u64> {\n    ready().then_some(x)\n}\n"
+    });
+    let lib = plugin.build();
+    let dir = tempfile::tempdir().unwrap();
+    let flag = dir.path().join("flag");
+    let host = HostProcess::spawn(
+        &["run".into(), lib.into(), "--no-repl".into()],
+        None,
+        &[("KW_TEST_FLAG", &flag)],
+    );
+    host.wait_for("generation 1 loaded");
+    let failed = host.cli(&["call", "flaky", "7"]);
+    assert_eq!(failed.status, Some(1), "{failed:?}");
+    assert!(failed.stderr.contains("not ready"), "{failed:?}");
+    assert_eq!(host.call("maybe", &["7"]), serde_json::Value::Null);
+    std::fs::write(&flag, b"").unwrap();
+    assert_eq!(host.call("flaky", &["7"]), 7, "the Err was not cached");
+    assert_eq!(host.call("maybe", &["7"]), 7, "the None was not cached");
+    // Successes are cached as before.
+    std::fs::remove_file(&flag).unwrap();
+    assert_eq!(host.call("flaky", &["7"]), 7);
+    assert_eq!(host.stats()["flaky"]["inserts"], 1);
+}

@@ -88,6 +88,7 @@ pub fn memo(attr: TokenStream, item: TokenStream) -> TokenStream {
     let mut max_bytes = 0u64;
     let mut version: Option<u64> = None;
     let mut reset_on_change = false;
+    let mut option = false;
     let parser = syn::meta::parser(|meta| {
         if meta.path.is_ident("name") {
             name = Some(meta.value()?.parse::<LitStr>()?.value());
@@ -99,9 +100,11 @@ pub fn memo(attr: TokenStream, item: TokenStream) -> TokenStream {
             version = Some(meta.value()?.parse::<LitInt>()?.base10_parse()?);
         } else if meta.path.is_ident("reset_on_change") {
             reset_on_change = true;
+        } else if meta.path.is_ident("option") {
+            option = true;
         } else {
             return Err(meta.error(
-                "unknown #[memo] option; expected name = \"...\", max_entries = N, max_bytes = N, version = N or reset_on_change",
+                "unknown #[memo] option; expected name = \"...\", max_entries = N, max_bytes = N, version = N, reset_on_change or option",
             ));
         }
         Ok(())
@@ -138,6 +141,22 @@ pub fn memo(attr: TokenStream, item: TokenStream) -> TokenStream {
         ]
         .concat(),
     ) | 1;
+    let returns_option = matches!(&**ret, Type::Path(p) if p.path.segments.last().is_some_and(|s| s.ident == "Option"));
+    if option && !returns_option {
+        return error(
+            ret.span(),
+            "#[memo(option)] caches only `Some`: it needs a function that returns Option<T>",
+        );
+    }
+    // Failures are not cached: a `Result` keeps only `Ok`; an `Option`
+    // keeps only `Some` when `option` asks for it.
+    let keep = if returns_result(&f.sig.output) {
+        quote!(|v: &#ret| v.is_ok())
+    } else if option {
+        quote!(|v: &#ret| v.is_some())
+    } else {
+        quote!(|_: &#ret| true)
+    };
     let attrs = &f.attrs;
     let vis = &f.vis;
     let sig = &f.sig;
@@ -175,10 +194,11 @@ pub fn memo(attr: TokenStream, item: TokenStream) -> TokenStream {
             #(#checks)*
             #ret_check
             let __kw_key = ::keepwarm_api::__private::encode_key(&(#(&#names,)*));
-            ::keepwarm_api::__private::cached_key(
+            ::keepwarm_api::__private::cached_key_if(
                 ::keepwarm_api::__private::Target::Static(&__KW_MEMO_HANDLE),
                 __kw_key,
                 move || -> #ret #block,
+                #keep,
             )
         }
     }
