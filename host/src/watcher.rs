@@ -58,6 +58,11 @@ pub const WRITER_QUIET: Duration = Duration::from_millis(200);
 /// problem) is tried again.
 pub const TRANSIENT_RETRY: Duration = Duration::from_secs(1);
 
+/// How long the library may be missing before the host says it waits for
+/// it: cargo removes the old file and links the new one in its place, so a
+/// normal rebuild has it missing for an instant.
+pub const MISSING_GRACE: Duration = Duration::from_millis(1000);
+
 /// Most symlink hops followed (as the kernel's limit).
 const MAX_HOPS: usize = 40;
 
@@ -317,6 +322,7 @@ enum Next {
 
 fn run(host: &Host, rx: &mpsc::Receiver<Signal>, arm: &mut Arm) {
     let mut next = Next::Wait;
+    let mut missing_since: Option<Instant> = None;
     loop {
         let first = match next {
             Next::Wait => match rx.recv() {
@@ -334,7 +340,7 @@ fn run(host: &Host, rx: &mpsc::Receiver<Signal>, arm: &mut Arm) {
         }
         let mut writing = false;
         apply(&mut writing, first);
-        match attempt(host, rx, arm, &mut writing) {
+        match attempt(host, rx, arm, &mut writing, &mut missing_since) {
             Some(n) => next = n,
             None => return,
         }
@@ -348,6 +354,7 @@ fn attempt(
     rx: &mpsc::Receiver<Signal>,
     arm: &mut Arm,
     writing: &mut bool,
+    missing_since: &mut Option<Instant>,
 ) -> Option<Next> {
     let mut incomplete_since: Option<Instant> = None;
     loop {
@@ -387,15 +394,25 @@ fn attempt(
                 }
             }
             Err(LoadError::Missing(_)) => {
-                host.set_waiting(true);
-                return Some(Next::Wait);
+                let since = *missing_since.get_or_insert_with(Instant::now);
+                let missing = since.elapsed();
+                if missing >= MISSING_GRACE {
+                    host.set_waiting(true);
+                    return Some(Next::Wait);
+                }
+                // Look again once the grace is over, unless it comes back first.
+                return Some(Next::RetryIn(MISSING_GRACE - missing));
             }
             Err(e) if e.is_transient() => {
+                *missing_since = None;
                 host.report_transient(&e);
                 return Some(Next::RetryIn(TRANSIENT_RETRY));
             }
             // Loaded, unchanged, or refused (the host reported it).
-            Ok(_) | Err(_) => return Some(Next::Wait),
+            Ok(_) | Err(_) => {
+                *missing_since = None;
+                return Some(Next::Wait);
+            }
         }
     }
 }
