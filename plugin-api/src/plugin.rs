@@ -23,16 +23,26 @@ use crate::{panic_hook, Error};
 /// assert_eq!(args.get::<u64>(0).unwrap(), 10);
 /// assert!(args.get::<String>(0).unwrap_err().to_string().contains("argument 1"));
 /// ```
+///
+/// Each argument is kept as the JSON text the host sent and decoded only by
+/// [`Args::get`], straight into the type the function asks for: integers
+/// beyond 64 bits (`u128`, `i128`) arrive exactly, never through a float.
+///
+/// ```
+/// # use keepwarm_api::Args;
+/// let args = Args::from_json("f", b"[340282366920938463463374607431768211455]").unwrap();
+/// assert_eq!(args.get::<u128>(0).unwrap(), u128::MAX);
+/// ```
 #[derive(Debug)]
 pub struct Args {
     function: &'static str,
-    values: Vec<serde_json::Value>,
+    values: Vec<Box<serde_json::value::RawValue>>,
 }
 
 impl Args {
     /// Parses a JSON array of arguments for `function`.
     pub fn from_json(function: &'static str, json: &[u8]) -> Result<Args, Error> {
-        let values: Vec<serde_json::Value> = serde_json::from_slice(json)
+        let values: Vec<Box<serde_json::value::RawValue>> = serde_json::from_slice(json)
             .map_err(|e| Error::new(format!("{function}: arguments must be a JSON array: {e}")))?;
         Ok(Args { function, values })
     }
@@ -79,11 +89,12 @@ impl Args {
                 self.values.len()
             ))
         })?;
-        T::deserialize(value).map_err(|e| {
+        serde_json::from_str::<T>(value.get()).map_err(|e| {
             Error::new(format!(
-                "{}: argument {} ({value}): expected {}: {e}",
+                "{}: argument {} ({}): expected {}: {e}",
                 self.function,
                 i + 1,
+                value.get(),
                 std::any::type_name::<T>()
             ))
         })

@@ -269,3 +269,67 @@ fn failures_are_not_cached() {
     assert_eq!(host.call("flaky", &["7"]), 7);
     assert_eq!(host.stats()["flaky"]["inserts"], 1);
 }
+
+/// Integers beyond 64 bits go through `keepwarm call` and the protocol
+/// exactly, in arguments and in results: fib(100) is not rounded to a
+/// float, u128::MAX and i128::MIN come back as they went (issue 11, row 9).
+#[test]
+fn integers_beyond_64_bits_go_through_exactly() {
+    use keepwarm_tests::Scratch;
+    let plugin = Scratch::copy_of("example-plugin", "kw_trust_wide");
+    plugin.edit(|s| {
+        s.replace(
+            "keepwarm_api::plugin!",
+            r#"
+#[export]
+#[memo]
+pub fn fib_wide(n: u32) -> u128 {
+    if n < 2 { n as u128 } else { fib_wide(n - 1) + fib_wide(n - 2) }
+}
+#[export]
+pub fn echo_u128(x: u128) -> u128 { x }
+#[export]
+pub fn echo_i128(x: i128) -> i128 { x }
+#[export]
+pub fn echo_u64(x: u64) -> u64 { x }
+#[export]
+pub fn halve(x: f64) -> f64 { x / 2.0 }
+
+keepwarm_api::plugin!"#,
+        )
+    });
+    let lib = plugin.build();
+    let host = HostProcess::start(&lib, &[]);
+    host.wait_for("generation 1 loaded");
+    let call = |args: &[&str]| {
+        let mut all = vec!["call"];
+        all.extend_from_slice(args);
+        let out = host.cli(&all);
+        assert_eq!(out.status, Some(0), "{out:?}");
+        out.stdout.trim().to_owned()
+    };
+    assert_eq!(call(&["fib_wide", "100"]), "354224848179261915075");
+    assert_eq!(
+        call(&["fib_wide", "150"]),
+        "9969216677189303386214405760200"
+    );
+    let u128_max = u128::MAX.to_string();
+    assert_eq!(call(&["echo_u128", &u128_max]), u128_max);
+    let two_70 = (1u128 << 70).to_string();
+    assert_eq!(call(&["echo_u128", &two_70]), two_70);
+    let i128_min = i128::MIN.to_string();
+    assert_eq!(call(&["echo_i128", &i128_min]), i128_min);
+    let u64_max = u64::MAX.to_string();
+    assert_eq!(call(&["echo_u64", &u64_max]), u64_max);
+    assert_eq!(call(&["halve", "0.3"]), "0.15");
+    // The cached value is the exact one too (a hit, not a recomputation).
+    assert_eq!(call(&["fib_wide", "100"]), "354224848179261915075");
+    assert!(host.stats()["fib_wide"]["hits"].as_u64().unwrap() >= 1);
+    // What does not fit is still refused, with the argument named.
+    let out = host.cli(&["call", "echo_u64", &two_70]);
+    assert_eq!(out.status, Some(1), "{out:?}");
+    assert!(out.stderr.contains("argument 1"), "{out:?}");
+    let out = host.cli(&["call", "echo_u128", "1.5"]);
+    assert_eq!(out.status, Some(1), "{out:?}");
+    assert!(out.stderr.contains("argument 1 (1.5)"), "{out:?}");
+}
