@@ -8,8 +8,9 @@
 use std::collections::HashMap;
 use std::mem::MaybeUninit;
 use std::num::NonZeroUsize;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::thread::ThreadId;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use lru::LruCache;
@@ -98,6 +99,74 @@ pub struct CacheStats {
     /// after a reload changed the cache's identity).
     #[serde(default)]
     pub stale_puts: u64,
+    /// Lookups that found their key with a value of another shape (the
+    /// value's type changed between builds): counted as misses too, and
+    /// computed again, never served.
+    #[serde(default)]
+    pub shape_mismatch: u64,
+    /// Lookups that found their key older than the handle's time to live:
+    /// counted as misses too; the entry is dropped.
+    #[serde(default)]
+    pub expired: u64,
+}
+
+/// What a lookup through a handle requires of an entry, from the options
+/// the handle was opened with (`cache_open_with`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Want {
+    /// The value must begin with these 8 bytes (its shape tag).
+    pub shape: Option<[u8; 8]>,
+    /// The entry must be younger than this.
+    pub ttl: Option<Duration>,
+}
+
+impl Want {
+    /// No requirement: any stored value is a hit.
+    pub const ANY: Want = Want {
+        shape: None,
+        ttl: None,
+    };
+}
+
+/// Why a stored entry is not served through a handle.
+enum Unfit {
+    Shape,
+    Expired,
+}
+
+/// One stored value, with when it was stored.
+struct Slot {
+    value: Arc<[u8]>,
+    /// Nanoseconds since [`clock_origin`] when the value was stored.
+    born: u64,
+}
+
+/// The origin of the entries' timestamps.
+fn clock_origin() -> Instant {
+    static ORIGIN: OnceLock<Instant> = OnceLock::new();
+    *ORIGIN.get_or_init(Instant::now)
+}
+
+/// Now, in nanoseconds since [`clock_origin`].
+fn now_ns() -> u64 {
+    clock_origin().elapsed().as_nanos() as u64
+}
+
+impl Slot {
+    /// Whether this entry may be served to a lookup wanting `want`.
+    fn fits(&self, want: &Want) -> Result<(), Unfit> {
+        if let Some(tag) = want.shape {
+            if self.value.get(..8) != Some(&tag[..]) {
+                return Err(Unfit::Shape);
+            }
+        }
+        if let Some(ttl) = want.ttl {
+            if now_ns().saturating_sub(self.born) >= ttl.as_nanos() as u64 {
+                return Err(Unfit::Expired);
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Why a put was refused.
@@ -108,7 +177,7 @@ pub enum PutError {
 }
 
 struct Inner {
-    lru: LruCache<Box<[u8]>, Arc<[u8]>>,
+    lru: LruCache<Box<[u8]>, Slot>,
     bounds: Bounds,
     bytes: u64,
     hits: u64,
@@ -117,6 +186,8 @@ struct Inner {
     evictions: u64,
     resets: u64,
     stale_puts: u64,
+    shape_mismatch: u64,
+    expired: u64,
     code_hash: u64,
     /// Bumped by every reset: a computation that started before a reset
     /// must not store its (stale) value after it.
@@ -131,8 +202,23 @@ impl Inner {
             let Some((k, v)) = self.lru.pop_lru() else {
                 break;
             };
-            self.bytes -= entry_bytes(&k, &v);
+            self.bytes -= entry_bytes(&k, &v.value);
             self.evictions += 1;
+        }
+    }
+
+    /// Counts why an entry found for a lookup was not served; an expired
+    /// one is dropped.
+    fn refuse(&mut self, key: &[u8], why: Unfit) {
+        self.misses += 1;
+        match why {
+            Unfit::Shape => self.shape_mismatch += 1,
+            Unfit::Expired => {
+                self.expired += 1;
+                if let Some(slot) = self.lru.pop(key) {
+                    self.bytes -= entry_bytes(key, &slot.value);
+                }
+            }
         }
     }
 }
@@ -219,6 +305,8 @@ impl Cache {
                 evictions: 0,
                 resets: 0,
                 stale_puts: 0,
+                shape_mismatch: 0,
+                expired: 0,
                 code_hash: 0,
                 epoch: 0,
             }),
@@ -235,8 +323,8 @@ impl Cache {
     pub fn get(&self, key: &[u8]) -> Option<Arc<[u8]>> {
         let mut inner = self.inner.lock();
         match inner.lru.get(key) {
-            Some(v) => {
-                let v = Arc::clone(v);
+            Some(slot) => {
+                let v = Arc::clone(&slot.value);
                 inner.hits += 1;
                 Some(v)
             }
@@ -251,8 +339,25 @@ impl Cache {
     /// `buf` there (under the lock, so no reference count is touched) and
     /// shares only the larger ones.
     pub fn get_into(&self, key: &[u8], buf: &mut [MaybeUninit<u8>]) -> Found {
+        self.get_into_as(key, buf, &Want::ANY)
+    }
+
+    /// [`Cache::get_into`] through a handle that wants `want`: an entry of
+    /// another shape, or too old, is a miss (counted in `shape_mismatch` or
+    /// `expired` as well as in `misses`).
+    pub fn get_into_as(&self, key: &[u8], buf: &mut [MaybeUninit<u8>], want: &Want) -> Found {
         let mut inner = self.inner.lock();
-        let found = match inner.lru.get(key) {
+        let slot = match inner.lru.get(key) {
+            Some(slot) => match slot.fits(want) {
+                Ok(()) => Some(&slot.value),
+                Err(why) => {
+                    inner.refuse(key, why);
+                    return Found::Miss;
+                }
+            },
+            None => None,
+        };
+        let found = match slot {
             Some(v) if v.len() <= buf.len() => {
                 // SAFETY: `v` holds v.len() readable bytes, `buf` has room for
                 // at least that many, and the two cannot overlap (`buf` is
@@ -309,12 +414,16 @@ impl Cache {
         if inner.bounds.max_bytes.is_some_and(|max| size > max) {
             return Err(PutError::TooLarge);
         }
+        let slot = Slot {
+            value,
+            born: now_ns(),
+        };
         if let Some(old) = inner.lru.get_mut(key) {
-            let old_size = entry_bytes(key, old);
-            *old = value;
+            let old_size = entry_bytes(key, &old.value);
+            *old = slot;
             inner.bytes = inner.bytes - old_size + size;
         } else {
-            inner.lru.push(Box::from(key), value);
+            inner.lru.push(Box::from(key), slot);
             inner.bytes += size;
         }
         inner.inserts += 1;
@@ -360,16 +469,20 @@ impl Cache {
         key: &[u8],
         compute: impl FnOnce() -> Result<Vec<u8>, E>,
     ) -> Computed<E> {
-        self.compute_missing_as(key, 0, compute)
+        self.compute_missing_as(key, 0, &Want::ANY, compute)
     }
 
     /// [`Cache::compute_missing`] for code of identity `identity` (see
     /// [`Cache::put_as`]): a value computed by code that is no longer the
-    /// cache's is returned to its caller but not stored.
+    /// cache's is returned to its caller but not stored. A stored value that
+    /// does not fit `want` (another shape, too old) is not served: it is
+    /// computed again and replaced, and a waiter handed a value that does
+    /// not fit computes its own.
     pub fn compute_missing_as<E>(
         &self,
         key: &[u8],
         identity: u64,
+        want: &Want,
         compute: impl FnOnce() -> Result<Vec<u8>, E>,
     ) -> Computed<E> {
         let me = std::thread::current().id();
@@ -380,9 +493,9 @@ impl Cache {
                 // Re-check under the flights lock: a flight that just
                 // finished stored its value before leaving the table.
                 let mut inner = self.inner.lock();
-                if let Some(v) = inner.lru.peek(key) {
+                if let Some(slot) = inner.lru.peek(key).filter(|s| s.fits(want).is_ok()) {
                     // Stored since this caller's lookup missed: a hit.
-                    let v = Arc::clone(v);
+                    let v = Arc::clone(&slot.value);
                     inner.misses = inner.misses.saturating_sub(1);
                     inner.hits += 1;
                     return Computed::Value(v);
@@ -436,6 +549,9 @@ impl Cache {
             let value = outcome.clone().flatten();
             drop(outcome);
             done_waiting(me);
+            // A leader of another shape (an older generation still running)
+            // delivered bytes this caller cannot use: it computes its own.
+            let value = value.filter(|v| want.shape.is_none_or(|tag| v.get(..8) == Some(&tag[..])));
             if let Some(v) = value {
                 // Another thread computed it: for this caller it was a hit.
                 self.miss_was_hit();
@@ -494,6 +610,8 @@ impl Cache {
             evictions: inner.evictions,
             resets: inner.resets,
             stale_puts: inner.stale_puts,
+            shape_mismatch: inner.shape_mismatch,
+            expired: inner.expired,
         }
     }
 }
@@ -820,7 +938,7 @@ mod tests {
         assert!(c.get(b"k").is_none(), "the old generation cannot refill it");
         c.put_as(b"k", b"new code", 2).unwrap();
         assert_eq!(&*c.get(b"k").unwrap(), b"new code");
-        let r = c.compute_missing_as(b"j", 1, || Ok::<_, ()>(b"old".to_vec()));
+        let r = c.compute_missing_as(b"j", 1, &Want::ANY, || Ok::<_, ()>(b"old".to_vec()));
         assert!(
             matches!(r, Computed::Value(v) if &*v == b"old"),
             "the caller still gets it"
@@ -910,6 +1028,71 @@ mod tests {
             assert!(matches!(waiter, Computed::Value(v) if &*v == b"second try"));
             assert!(matches!(leader.join().unwrap(), Computed::Failed("failed")));
         });
+    }
+
+    #[test]
+    fn a_value_of_another_shape_is_a_counted_miss_and_is_replaced() {
+        let c = Cache::new("shape", bounds(10, None));
+        let old = Want {
+            shape: Some(*b"OLDSHAPE"),
+            ttl: None,
+        };
+        let new = Want {
+            shape: Some(*b"NEWSHAPE"),
+            ttl: None,
+        };
+        c.put(b"k", b"OLDSHAPE-value").unwrap();
+        let mut buf = [MaybeUninit::uninit(); 64];
+        assert!(matches!(
+            c.get_into_as(b"k", &mut buf, &old),
+            Found::Copied(14)
+        ));
+        assert!(matches!(c.get_into_as(b"k", &mut buf, &new), Found::Miss));
+        let s = c.stats();
+        assert_eq!((s.hits, s.misses, s.shape_mismatch), (1, 1, 1));
+        // The flight (after the miss above) does not take the old value for
+        // a hit: it computes.
+        let mut computed = false;
+        let r = c.compute_missing_as(b"k", 0, &new, || {
+            computed = true;
+            Ok::<_, ()>(b"NEWSHAPE-value".to_vec())
+        });
+        assert!(computed);
+        assert!(matches!(r, Computed::Value(v) if &*v == b"NEWSHAPE-value"));
+        assert!(matches!(
+            c.get_into_as(b"k", &mut buf, &new),
+            Found::Copied(14)
+        ));
+        // Without a shape requirement any value is a hit (raw byte caches).
+        assert!(matches!(c.get_into(b"k", &mut buf), Found::Copied(14)));
+        let s = c.stats();
+        assert_eq!(
+            (s.hits, s.misses, s.shape_mismatch, s.entries),
+            (3, 1, 1, 1)
+        );
+    }
+
+    #[test]
+    fn an_entry_older_than_the_ttl_is_an_expired_miss_and_is_dropped() {
+        let c = Cache::new("ttl", bounds(10, None));
+        let ttl = Want {
+            shape: None,
+            ttl: Some(std::time::Duration::from_millis(30)),
+        };
+        c.put(b"k", b"v").unwrap();
+        let mut buf = [MaybeUninit::uninit(); 8];
+        assert!(matches!(
+            c.get_into_as(b"k", &mut buf, &ttl),
+            Found::Copied(1)
+        ));
+        // Time is what this test is about: let the entry age past its ttl.
+        std::thread::sleep(std::time::Duration::from_millis(60));
+        assert!(matches!(c.get_into_as(b"k", &mut buf, &ttl), Found::Miss));
+        let s = c.stats();
+        assert_eq!(
+            (s.hits, s.misses, s.expired, s.entries, s.bytes),
+            (1, 1, 1, 0, 0)
+        );
     }
 
     #[test]

@@ -12,10 +12,12 @@ use std::mem::MaybeUninit;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use keepwarm_api::abi::{self, KwCacheHandle, KwCompute, KwHostApi, KwSlice, KwStatus, KwValue};
+use keepwarm_api::abi::{
+    self, KwCacheHandle, KwCompute, KwHostApi, KwOpenOptions, KwSlice, KwStatus, KwValue,
+};
 use parking_lot::Mutex;
 
-use crate::cache::{Cache, Computed, Found, PutError, Store};
+use crate::cache::{Cache, Computed, Found, PutError, Store, Want};
 
 /// Receives the lines plugins log: (generation, level, message).
 pub type LogSink = Arc<dyn Fn(u64, u32, &str) + Send + Sync>;
@@ -42,12 +44,14 @@ pub struct HostContext {
     retired: AtomicBool,
 }
 
-/// What a cache handle points to: the cache, and the identity this
-/// generation's values for it carry. Boxed in the context's `opened` list,
+/// What a cache handle points to: the cache, the identity this
+/// generation's values for it carry, and what the handle's options require
+/// of an entry (its shape, its age). Boxed in the context's `opened` list,
 /// which is never shrunk, so the address stays valid.
 pub struct Opened {
     cache: Arc<Cache>,
     identity: u64,
+    want: Want,
 }
 
 /// A generation's host table with the context it points to.
@@ -97,6 +101,7 @@ impl HostTable {
             cache_get_into,
             cache_put_handle,
             cache_get_or_compute_into,
+            cache_open_with,
         }));
         HostTable { table, context }
     }
@@ -235,13 +240,64 @@ unsafe extern "C" fn cache_open(
     name: KwSlice,
     out: *mut KwCacheHandle,
 ) -> KwStatus {
+    // SAFETY: the same contract; NULL options are no options.
+    unsafe { cache_open_with(ctx, name, std::ptr::null(), out) }
+}
+
+/// The options a plugin passed, as a [`Want`]; `None` when unusable (a
+/// `size` too small for the fields it must hold, or reserved flags set).
+///
+/// # Safety
+/// `opts` must be NULL or point to a `KwOpenOptions` of at least `size`
+/// readable bytes (its first field), valid for the current call.
+unsafe fn options(opts: *const KwOpenOptions) -> Option<Want> {
+    if opts.is_null() {
+        return Some(Want::ANY);
+    }
+    // The first 4 bytes say how much of the struct the plugin knows.
+    // SAFETY: per the contract, `opts` points to at least the `size` field.
+    let size = unsafe { std::ptr::addr_of!((*opts).size).read_unaligned() } as usize;
+    if size < std::mem::offset_of!(KwOpenOptions, shape) {
+        return None;
+    }
+    let mut copy = KwOpenOptions::default();
+    let n = size.min(std::mem::size_of::<KwOpenOptions>());
+    // SAFETY: the plugin's struct has `size` readable bytes, of which we
+    // copy at most our own layout's; the rest of `copy` stays zero.
+    unsafe {
+        std::ptr::copy_nonoverlapping(
+            opts.cast::<u8>(),
+            (&mut copy as *mut KwOpenOptions).cast::<u8>(),
+            n,
+        )
+    };
+    if copy.flags != 0 {
+        return None;
+    }
+    Some(Want {
+        shape: (copy.shape != 0).then(|| copy.shape.to_le_bytes()),
+        ttl: (copy.ttl_ms != 0).then(|| std::time::Duration::from_millis(copy.ttl_ms)),
+    })
+}
+
+unsafe extern "C" fn cache_open_with(
+    ctx: *mut c_void,
+    name: KwSlice,
+    opts: *const KwOpenOptions,
+    out: *mut KwCacheHandle,
+) -> KwStatus {
     keepwarm_api::ffi_boundary(None, || {
         // SAFETY: the plugin passes the ctx of its table (ABI contract).
         if unsafe { retired(ctx) } {
             return abi::KW_RETIRED;
         }
-        // SAFETY: as in cache_get.
-        let (Some(ctx), Some(name)) = (unsafe { context(ctx) }, unsafe { self::name(name) }) else {
+        // SAFETY: as in cache_get; the options are NULL or the plugin's,
+        // valid for this call.
+        let (Some(ctx), Some(name), Some(want)) = (
+            unsafe { context(ctx) },
+            unsafe { self::name(name) },
+            unsafe { options(opts) },
+        ) else {
             return abi::KW_INVALID_ARGUMENT;
         };
         if out.is_null() {
@@ -249,12 +305,16 @@ unsafe extern "C" fn cache_open(
         }
         let cache = ctx.store.cache(name);
         let mut opened = ctx.opened.lock();
-        let ptr = match opened.iter().find(|o| Arc::ptr_eq(&o.cache, &cache)) {
+        let ptr = match opened
+            .iter()
+            .find(|o| Arc::ptr_eq(&o.cache, &cache) && o.want == want)
+        {
             Some(o) => &**o as *const Opened,
             None => {
                 let o = Box::new(Opened {
                     identity: ctx.identity(name.as_bytes()),
                     cache,
+                    want,
                 });
                 let ptr = &*o as *const Opened;
                 opened.push(o);
@@ -310,7 +370,7 @@ unsafe extern "C" fn cache_get_into(
         let Some((cache, key, buf)) = (unsafe { into_args(ctx, cache, key, buf, cap, out) }) else {
             return abi::KW_INVALID_ARGUMENT;
         };
-        let found = cache.cache.get_into(key, buf);
+        let found = cache.cache.get_into_as(key, buf, &cache.want);
         // SAFETY: `out` is non-NULL and points to the plugin's KwValue.
         unsafe { hand_out(found, buf, out) }
     })
@@ -362,6 +422,14 @@ unsafe extern "C" fn cache_put_handle(
             return abi::KW_INVALID_ARGUMENT;
         };
         if ctx.is_null() {
+            return abi::KW_INVALID_ARGUMENT;
+        }
+        // A shaped handle stores only values that carry its tag.
+        if cache
+            .want
+            .shape
+            .is_some_and(|tag| value.get(..8) != Some(&tag[..]))
+        {
             return abi::KW_INVALID_ARGUMENT;
         }
         put_status(cache.cache.put_as(key, value, cache.identity))
@@ -429,12 +497,27 @@ unsafe extern "C" fn cache_get_or_compute_into(
         let Some((cache, key, buf)) = (unsafe { into_args(ctx, cache, key, buf, cap, out) }) else {
             return abi::KW_INVALID_ARGUMENT;
         };
-        let Opened { cache, identity } = cache;
-        match cache.get_into(key, buf) {
+        let Opened {
+            cache,
+            identity,
+            want,
+        } = cache;
+        match cache.get_into_as(key, buf, want) {
             // SAFETY: `out` is non-NULL and points to the plugin's KwValue.
             Found::Miss => unsafe {
                 lend_computed(
-                    cache.compute_missing_as(key, *identity, || run_compute(compute)),
+                    cache.compute_missing_as(key, *identity, want, || {
+                        run_compute(compute).and_then(|bytes| match want.shape {
+                            // A computation must produce a value of the
+                            // handle's shape; anything else is not stored.
+                            Some(tag) if bytes.get(..8) != Some(&tag[..]) => Err((
+                                abi::KW_ERROR,
+                                b"the computed value does not carry the handle's shape tag"
+                                    .to_vec(),
+                            )),
+                            _ => Ok(bytes),
+                        })
+                    }),
                     out,
                 )
             },
@@ -473,7 +556,7 @@ unsafe extern "C" fn cache_get_or_compute(
         let cache = ctx.store.cache(cache);
         let computed = match cache.get(key) {
             Some(v) => Computed::Value(v),
-            None => cache.compute_missing_as(key, identity, || run_compute(compute)),
+            None => cache.compute_missing_as(key, identity, &Want::ANY, || run_compute(compute)),
         };
         // SAFETY: `out` is non-NULL and points to the plugin's KwValue.
         unsafe { lend_computed(computed, out) }

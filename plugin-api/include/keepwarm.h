@@ -232,6 +232,40 @@ typedef struct KwCompute {
 typedef const void *KwCacheHandle;
 
 /**
+ * The options of a handle opened with [`KwHostApi::cache_open_with`].
+ *
+ * Ownership: the plugin's; the host copies the fields during the call.
+ * Zero in a field means "not used"; fields past `size` are taken as zero,
+ * so a plugin built against an older, shorter layout keeps working.
+ */
+typedef struct KwOpenOptions {
+  /**
+   * `size_of::<KwOpenOptions>()` as the plugin built it.
+   */
+  uint32_t size;
+  /**
+   * Reserved; must be 0.
+   */
+  uint32_t flags;
+  /**
+   * The shape tag of this handle's values: a fingerprint of what the
+   * value bytes mean (the type's full structure), stored as the first 8
+   * bytes of each value, little-endian. When not 0, a put through the
+   * handle of a value that does not begin with the tag is refused with
+   * [`KW_INVALID_ARGUMENT`], and a lookup through it treats a stored value
+   * that does not begin with the tag as a miss (counted in the cache's
+   * `shape_mismatch` figure), never a hit: `cache_get_or_compute_into`
+   * computes it again and replaces it.
+   */
+  uint64_t shape;
+  /**
+   * Entries older than this many milliseconds are misses through this
+   * handle (counted in `expired`) and are dropped; 0: no expiry.
+   */
+  uint64_t ttl_ms;
+} KwOpenOptions;
+
+/**
  * The table of host functions that the host hands a plugin in `on_load`.
  *
  * Ownership: the host owns the table, its `ctx` and everything they point
@@ -338,6 +372,16 @@ typedef struct KwHostApi {
                                         uint8_t *buf,
                                         size_t cap,
                                         struct KwValue *out);
+  /**
+   * `cache_open` with options (`opts` may be NULL: then it is
+   * `cache_open`). The handle applies the options to every lookup and put
+   * made through it (see [`KwOpenOptions`]); two opens of one cache with
+   * other options give two handles on the same entries.
+   */
+  KwStatus (*cache_open_with)(void *ctx,
+                              struct KwSlice name,
+                              const struct KwOpenOptions *opts,
+                              KwCacheHandle *out);
 } KwHostApi;
 
 /**

@@ -327,6 +327,42 @@ pub struct KwHostApi {
         cap: usize,
         out: *mut KwValue,
     ) -> KwStatus,
+    /// `cache_open` with options (`opts` may be NULL: then it is
+    /// `cache_open`). The handle applies the options to every lookup and put
+    /// made through it (see [`KwOpenOptions`]); two opens of one cache with
+    /// other options give two handles on the same entries.
+    pub cache_open_with: unsafe extern "C" fn(
+        ctx: *mut c_void,
+        name: KwSlice,
+        opts: *const KwOpenOptions,
+        out: *mut KwCacheHandle,
+    ) -> KwStatus,
+}
+
+/// The options of a handle opened with [`KwHostApi::cache_open_with`].
+///
+/// Ownership: the plugin's; the host copies the fields during the call.
+/// Zero in a field means "not used"; fields past `size` are taken as zero,
+/// so a plugin built against an older, shorter layout keeps working.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct KwOpenOptions {
+    /// `size_of::<KwOpenOptions>()` as the plugin built it.
+    pub size: u32,
+    /// Reserved; must be 0.
+    pub flags: u32,
+    /// The shape tag of this handle's values: a fingerprint of what the
+    /// value bytes mean (the type's full structure), stored as the first 8
+    /// bytes of each value, little-endian. When not 0, a put through the
+    /// handle of a value that does not begin with the tag is refused with
+    /// [`KW_INVALID_ARGUMENT`], and a lookup through it treats a stored value
+    /// that does not begin with the tag as a miss (counted in the cache's
+    /// `shape_mismatch` figure), never a hit: `cache_get_or_compute_into`
+    /// computes it again and replaces it.
+    pub shape: u64,
+    /// Entries older than this many milliseconds are misses through this
+    /// handle (counted in `expired`) and are dropped; 0: no expiry.
+    pub ttl_ms: u64,
 }
 
 /// One function the plugin exports, callable by name (`keepwarm call NAME`).

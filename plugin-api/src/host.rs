@@ -3,9 +3,13 @@
 
 use core::ffi::c_void;
 use core::mem::MaybeUninit;
-use core::sync::atomic::{AtomicPtr, Ordering};
+use core::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
+use std::collections::HashMap;
+use std::sync::Mutex;
 
-use crate::abi::{self, KwCacheHandle, KwCompute, KwHostApi, KwOutput, KwSlice, KwStatus, KwValue};
+use crate::abi::{
+    self, KwCacheHandle, KwCompute, KwHostApi, KwOpenOptions, KwOutput, KwSlice, KwStatus, KwValue,
+};
 use crate::Error;
 
 /// The host table of the generation this copy of the library belongs to.
@@ -166,6 +170,12 @@ fn has(host: &KwHostApi, offset: usize) -> bool {
 pub struct HostCache {
     name: &'static str,
     handle: AtomicPtr<c_void>,
+    /// `#[memo]`'s: computes the shape tag of the function's values.
+    shape: Option<fn() -> u64>,
+    /// The shape tag, once computed (0: not yet, or none).
+    tag: AtomicU64,
+    /// `#[memo(ttl = ...)]`, in milliseconds; 0: none.
+    ttl_ms: u64,
 }
 
 impl HostCache {
@@ -174,7 +184,40 @@ impl HostCache {
         HostCache {
             name,
             handle: AtomicPtr::new(core::ptr::null_mut()),
+            shape: None,
+            tag: AtomicU64::new(0),
+            ttl_ms: 0,
         }
+    }
+
+    /// `#[memo]`'s cache: its values carry the tag `shape` computes (on
+    /// first use), which the host checks on every lookup; entries older than
+    /// `ttl_ms` (when not 0) are misses.
+    #[doc(hidden)]
+    pub const fn memo(name: &'static str, shape: fn() -> u64, ttl_ms: u64) -> HostCache {
+        HostCache {
+            name,
+            handle: AtomicPtr::new(core::ptr::null_mut()),
+            shape: Some(shape),
+            tag: AtomicU64::new(0),
+            ttl_ms,
+        }
+    }
+
+    /// The shape tag of this cache's values (`#[memo]`'s), computed once per
+    /// generation; 0 for a cache of raw bytes.
+    pub(crate) fn tag(&self) -> u64 {
+        let tag = self.tag.load(Ordering::Relaxed);
+        if tag != 0 {
+            return tag;
+        }
+        let Some(shape) = self.shape else {
+            return 0;
+        };
+        // Two threads may both compute it: the result is the same.
+        let tag = shape() | 1;
+        self.tag.store(tag, Ordering::Relaxed);
+        tag
     }
 
     /// The cache's name.
@@ -195,13 +238,11 @@ impl HostCache {
         ) {
             return None;
         }
-        let mut out: KwCacheHandle = core::ptr::null();
-        // SAFETY: the table is valid and has cache_open (checked above); the
-        // name borrows static data; `out` is a valid out-pointer.
-        let status = unsafe { (host.cache_open)(host.ctx, KwSlice::from_str(self.name), &mut out) };
-        if status != abi::KW_OK || out.is_null() {
-            return None;
-        }
+        let out = if self.shape.is_some() || self.ttl_ms != 0 {
+            open(host, self.name, self.tag(), self.ttl_ms)?
+        } else {
+            open(host, self.name, 0, 0)?
+        };
         // Two threads may both resolve: the host gives both the same handle.
         self.handle.store(out as *mut c_void, Ordering::Release);
         Some(out)
@@ -256,16 +297,7 @@ impl HostCache {
         let Some(handle) = self.handle(host) else {
             return host_cache_put(self.name, key, value);
         };
-        // SAFETY: as in `get`.
-        let status = unsafe {
-            (host.cache_put_handle)(
-                host.ctx,
-                handle,
-                KwSlice::from_bytes(key),
-                KwSlice::from_bytes(value),
-            )
-        };
-        Error::check(status, || format!("host_cache_put({:?})", self.name))
+        put_handle(host, handle, self.name, key, value)
     }
 
     /// [`cached`](crate::cached) on this cache: memoizes `compute` under
@@ -285,17 +317,89 @@ impl HostCache {
         V: serde::Serialize + serde::de::DeserializeOwned,
         F: FnOnce() -> V,
     {
-        crate::plugin::cached_key(
-            Target::Static(self),
-            crate::plugin::encode_key(key),
-            compute,
-        )
+        crate::cached(self.name, key, compute)
     }
 
     /// Drops every entry of the cache.
     pub fn reset(&self) -> Result<(), Error> {
         host_cache_reset(self.name)
     }
+}
+
+/// Opens a handle on the cache `name` whose values carry the shape tag
+/// `tag` and live `ttl_ms` (0: unchecked, forever); `None` on failure.
+///
+/// A host without `cache_open_with` (older than the shape check) gives a
+/// plain handle: the SDK still checks the tag of every value it decodes.
+fn open(host: &'static KwHostApi, name: &str, tag: u64, ttl_ms: u64) -> Option<KwCacheHandle> {
+    let mut out: KwCacheHandle = core::ptr::null();
+    let name = KwSlice::from_str(name);
+    let status = if (tag != 0 || ttl_ms != 0)
+        && has(host, core::mem::offset_of!(KwHostApi, cache_open_with))
+    {
+        let opts = KwOpenOptions {
+            size: core::mem::size_of::<KwOpenOptions>() as u32,
+            flags: 0,
+            shape: tag,
+            ttl_ms,
+        };
+        // SAFETY: the table has the function (checked); the name and the
+        // options borrow live data for the call; `out` is a valid out-pointer.
+        unsafe { (host.cache_open_with)(host.ctx, name, &opts, &mut out) }
+    } else {
+        // SAFETY: the table has cache_open (every table the SDK accepts
+        // does); as above.
+        unsafe { (host.cache_open)(host.ctx, name, &mut out) }
+    };
+    (status == abi::KW_OK && !out.is_null()).then_some(out)
+}
+
+/// The handles `cached` opened by name, per shape tag (this generation's:
+/// each generation is a fresh copy of the library, and of this static).
+static NAMED: Mutex<Option<HashMap<u64, HashMap<String, usize>>>> = Mutex::new(None);
+
+/// A handle on the cache `name` for values of shape `tag`, opened once per
+/// generation; `None` on a host without handles.
+fn named_handle(host: &'static KwHostApi, name: &str, tag: u64) -> Option<KwCacheHandle> {
+    if !has(
+        host,
+        core::mem::offset_of!(KwHostApi, cache_get_or_compute_into),
+    ) {
+        return None;
+    }
+    let mut named = NAMED.lock().unwrap_or_else(|e| e.into_inner());
+    let by_name = named
+        .get_or_insert_with(HashMap::new)
+        .entry(tag)
+        .or_default();
+    if let Some(&h) = by_name.get(name) {
+        return Some(h as KwCacheHandle);
+    }
+    let h = open(host, name, tag, 0)?;
+    by_name.insert(name.to_owned(), h as usize);
+    Some(h)
+}
+
+/// `cache_put_handle`: stores a copy of `value` under `key` through a
+/// handle of `host`'s table on the cache `name` (named in the error).
+fn put_handle(
+    host: &'static KwHostApi,
+    handle: KwCacheHandle,
+    name: &str,
+    key: &[u8],
+    value: &[u8],
+) -> Result<(), Error> {
+    // SAFETY: the handle was opened through this same table (the callers
+    // resolve it from `host`); the slices borrow live data for the call.
+    let status = unsafe {
+        (host.cache_put_handle)(
+            host.ctx,
+            handle,
+            KwSlice::from_bytes(key),
+            KwSlice::from_bytes(value),
+        )
+    };
+    Error::check(status, || format!("host_cache_put({name:?})"))
 }
 
 /// `cache_get_into` with `buf` as the copy-out buffer; the value on a hit.
@@ -336,8 +440,8 @@ impl core::fmt::Debug for HostCache {
 #[doc(hidden)]
 #[derive(Clone, Copy, Debug)]
 pub enum Target<'a> {
-    /// Found by name on every call (`cached`).
-    Name(&'a str),
+    /// Found by name (`cached`), for values of the shape tag given.
+    Name(&'a str, u64),
     /// Through a handle (`#[memo]`'s per-function static).
     Static(&'static HostCache),
 }
@@ -346,8 +450,30 @@ impl Target<'_> {
     /// The cache's name.
     pub fn name(&self) -> &str {
         match self {
-            Target::Name(n) => n,
+            Target::Name(n, _) => n,
             Target::Static(c) => c.name,
+        }
+    }
+
+    /// The shape tag of the values (see [`crate::plugin`]'s encoding).
+    pub fn tag(&self) -> u64 {
+        match self {
+            Target::Name(_, tag) => *tag,
+            Target::Static(c) => c.tag(),
+        }
+    }
+
+    /// Stores `value` (already tagged) under `key`.
+    pub(crate) fn put(&self, key: &[u8], value: &[u8]) -> Result<(), Error> {
+        match self {
+            Target::Static(c) => c.put(key, value),
+            Target::Name(name, tag) => {
+                let host = host().ok_or_else(Error::no_host)?;
+                let Some(handle) = named_handle(host, name, *tag) else {
+                    return host_cache_put(name, key, value);
+                };
+                put_handle(host, handle, name, key, value)
+            }
         }
     }
 }
@@ -379,7 +505,7 @@ pub fn get_or_compute(
     };
     let handle = match cache {
         Target::Static(c) => c.handle(host),
-        Target::Name(_) => None,
+        Target::Name(name, tag) => named_handle(host, name, tag),
     };
     let compute = KwCompute {
         user,

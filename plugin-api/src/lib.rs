@@ -61,6 +61,8 @@ mod host;
 mod panic_hook;
 #[doc(hidden)]
 pub mod plugin;
+#[doc(hidden)]
+pub mod shape;
 
 pub use error::Error;
 pub use host::{
@@ -82,17 +84,30 @@ pub const KW_ENTRY_SYMBOL: &str = "keepwarm_plugin";
 /// The cache is named after the function unless `name = "..."` says
 /// otherwise. Keys are the arguments and values the result, encoded with
 /// postcard (any serde types); misses compute in the calling thread, and
-/// concurrent misses on one key compute once (the others wait). A stored
-/// value of another return type (by type name), or one that does not decode,
-/// is a miss and is overwritten; after changing a type's fields but not its
-/// name, bump `version`.
+/// concurrent misses on one key compute once (the others wait). Each value
+/// carries a fingerprint of the full structure of the return type and of
+/// the argument types (field names, order and types, enum variants): a
+/// stored value of another shape — two fields swapped, `u32` became `i64` —
+/// is a miss (the host counts it as `shape_mismatch`) and is recomputed.
 ///
 /// Options: `name = "..."`, `max_entries = N`, `max_bytes = N` (keys plus
 /// values), `version = N` (a reload that brings another N resets the cache),
 /// `reset_on_change` (a reload that brings a change to the function's own
 /// tokens resets the cache; the reload line names it), `option` (a function
-/// returning `Option` caches only `Some`). Other caches stay warm. A function
+/// returning `Option` caches only `Some`), `ttl = SECONDS` (an entry older
+/// than that is a miss, counted as `expired`, and is recomputed), `key =
+/// EXPR` (the key is EXPR, an expression of the arguments, instead of all of
+/// them: `key = x / 10` caches by tens; the `cached` crate's `key = "Type",
+/// convert = "EXPR"` works too). Other caches stay warm. A function
 /// returning `Result` caches only `Ok`: an `Err` is computed again next time.
+///
+/// ```
+/// #[keepwarm_api::memo(key = x / 10, ttl = 60)]
+/// fn decade(x: u64) -> u64 {
+///     x / 10 * 10
+/// }
+/// assert_eq!(decade(17), 10);
+/// ```
 ///
 /// ```
 /// #[keepwarm_api::memo(max_entries = 1000, reset_on_change)]
@@ -136,6 +151,7 @@ pub mod __private {
         assert_key, assert_value, cached_key, cached_key_if, call_json, encode_key, on_load,
         on_unload,
     };
+    pub use crate::shape;
     pub use linkme;
 
     /// The functions `#[export]` registers, one link section per library.

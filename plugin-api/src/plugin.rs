@@ -142,11 +142,11 @@ impl KwCacheDecl {
 /// same key at once, one computes and the others wait for its value (the
 /// host's single flight), and a value computed while the cache was reset is
 /// returned but not stored. Keys and values are encoded with postcard, values
-/// behind an 8-byte tag of their type's name: a stored value of another type
-/// (the return type changed between reloads), or one that does not decode,
-/// counts as a miss and is overwritten. The tag is the type's *name*: after
-/// changing a type's fields but not its name, reset the cache (or bump
-/// `#[memo(version = N)]`), since postcard is not self-describing. A
+/// behind an 8-byte shape tag: a fingerprint of `V`'s full structure (field
+/// names, order and types, enum variants; see `docs/TRUST.md`) and of `K`'s
+/// type name. A stored value of another shape (the type changed between
+/// reloads), or one that does not decode, is a miss, counted by the host as
+/// `shape_mismatch`, and is overwritten. A
 /// computation that needs its own key panics with a message naming the cache
 /// (the call fails with that error) instead of deadlocking. Outside a host,
 /// `compute` simply runs.
@@ -161,7 +161,36 @@ where
     V: Serialize + DeserializeOwned,
     F: FnOnce() -> V,
 {
-    cached_key(crate::host::Target::Name(cache), encode_key(key), compute)
+    cached_key(
+        crate::host::Target::Name(cache, tag_for::<K, V>()),
+        encode_key(key),
+        compute,
+    )
+}
+
+/// The shape tag of values of type `V` under keys of type `K` (by name:
+/// `K` need not be `Deserialize`), computed once per pair of types.
+fn tag_for<K: ?Sized, V: DeserializeOwned>() -> u64 {
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+    #[allow(clippy::type_complexity)]
+    static TAGS: Mutex<Option<HashMap<(&'static str, &'static str), u64>>> = Mutex::new(None);
+    let types = (std::any::type_name::<K>(), std::any::type_name::<V>());
+    if let Some(&tag) = TAGS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get_or_insert_with(HashMap::new)
+        .get(&types)
+    {
+        return tag;
+    }
+    // Traced outside the lock: a type's Deserialize may call `cached`.
+    let tag = crate::shape::tag(crate::shape::of::<V>(), &[crate::shape::by_name::<K>()]);
+    TAGS.lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get_or_insert_with(HashMap::new)
+        .insert(types, tag);
+    tag
 }
 
 /// Encodes a memo key (postcard); `None` for a key serde refuses.
@@ -207,11 +236,13 @@ where
     let Some(key_bytes) = key else {
         return compute();
     };
+    let tag = cache.tag();
     let mut state = Flight::<F, V> {
         compute: Some(compute),
         value: None,
         panic: None,
         keep,
+        tag,
     };
     let status = crate::host::get_or_compute(
         cache,
@@ -227,7 +258,7 @@ where
     }
     match status {
         crate::host::Flown::Value(stored) => {
-            if let Some(value) = decode::<V>(&stored) {
+            if let Some(value) = decode::<V>(&stored, tag) {
                 return value;
             }
         }
@@ -245,12 +276,8 @@ where
     if !keep(&value) {
         return value;
     }
-    if let Some(bytes) = encode(&value) {
-        let stored = match cache {
-            crate::host::Target::Static(c) => c.put(&key_bytes, &bytes),
-            crate::host::Target::Name(name) => crate::host_cache_put(name, &key_bytes, &bytes),
-        };
-        if let Err(e) = stored {
+    if let Some(bytes) = encode(&value, tag) {
+        if let Err(e) = cache.put(&key_bytes, &bytes) {
             crate::log_line(abi::KW_LOG_DEBUG, &format!("not cached: {e}"));
         }
     }
@@ -265,6 +292,8 @@ struct Flight<F, V> {
     panic: Option<Box<dyn Any + Send>>,
     /// Whether a computed value may be stored (an `Err` may not).
     keep: fn(&V) -> bool,
+    /// The shape tag its bytes begin with.
+    tag: u64,
 }
 
 /// The computation the host runs on a miss.
@@ -287,7 +316,7 @@ where
     // it never crosses the host's frames.
     match catch_unwind(AssertUnwindSafe(compute)) {
         Ok(value) => {
-            let status = match encode(&value) {
+            let status = match encode(&value, flight.tag) {
                 // Not to be cached: a failure status stores nothing and frees
                 // the key; `cached_key_if` returns the value it kept here.
                 _ if !(flight.keep)(&value) => abi::KW_ERROR,
@@ -307,23 +336,17 @@ where
     }
 }
 
-/// An 8-byte tag of `V`'s type name (FNV-1a), stored before each value.
-fn type_tag<V>() -> [u8; 8] {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in std::any::type_name::<V>().bytes() {
-        hash = (hash ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
-    }
-    hash.to_le_bytes()
-}
-
-fn encode<V: Serialize>(value: &V) -> Option<Vec<u8>> {
-    let mut bytes = type_tag::<V>().to_vec();
+/// A value as stored: its 8-byte shape tag (little-endian), then postcard.
+fn encode<V: Serialize>(value: &V, tag: u64) -> Option<Vec<u8>> {
+    let mut bytes = tag.to_le_bytes().to_vec();
     postcard::to_io(value, &mut bytes).ok()?;
     Some(bytes)
 }
 
-fn decode<V: DeserializeOwned>(bytes: &[u8]) -> Option<V> {
-    let body = bytes.strip_prefix(&type_tag::<V>())?;
+/// The value stored as `bytes`, if it has the shape tag `tag` and decodes
+/// completely.
+fn decode<V: DeserializeOwned>(bytes: &[u8], tag: u64) -> Option<V> {
+    let body = bytes.strip_prefix(&tag.to_le_bytes())?;
     match postcard::take_from_bytes::<V>(body) {
         Ok((value, [])) => Some(value),
         _ => None,
@@ -455,7 +478,9 @@ pub unsafe fn on_load(
             return abi::KW_INVALID_ARGUMENT;
         };
         if table.abi_version != abi::KW_ABI_VERSION
-            || (table.size as usize) < core::mem::size_of::<KwHostApi>()
+            // Functions added since (cache_open_with) are used only when
+            // the table's size covers them.
+            || (table.size as usize) < core::mem::offset_of!(KwHostApi, cache_open_with)
         {
             let msg = format!(
                 "on_load: host speaks keepwarm ABI {} (table of {} bytes), this plugin needs ABI {}",

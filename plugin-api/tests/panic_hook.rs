@@ -75,6 +75,14 @@ unsafe extern "C" fn get_or_compute(
 unsafe extern "C" fn open(_: *mut c_void, _: KwSlice, _: *mut KwCacheHandle) -> KwStatus {
     abi::KW_INVALID_ARGUMENT
 }
+unsafe extern "C" fn open_with(
+    _: *mut c_void,
+    _: KwSlice,
+    _: *const keepwarm_api::abi::KwOpenOptions,
+    _: *mut KwCacheHandle,
+) -> KwStatus {
+    abi::KW_INVALID_ARGUMENT
+}
 unsafe extern "C" fn get_into(
     _: *mut c_void,
     _: KwCacheHandle,
@@ -121,6 +129,7 @@ fn table() -> &'static KwHostApi {
         cache_get_into: get_into,
         cache_put_handle: put_handle,
         cache_get_or_compute_into: get_or_compute_into,
+        cache_open_with: open_with,
     }))
 }
 

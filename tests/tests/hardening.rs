@@ -311,7 +311,10 @@ fn sigterm_sigint_and_sighup_are_a_clean_exit_that_leaves_nothing() {
         let socket = xdg.path().join("host.sock");
         let mut child = spawn_host(&lib, xdg.path(), &socket);
         wait_for_socket(&socket);
-        assert_eq!(shadow_dirs(xdg.path()).len(), 1);
+        // The socket may answer before the first load made its shadow copy.
+        eventually("the first load made its shadow directory", || {
+            shadow_dirs(xdg.path()).len() == 1
+        });
         // SAFETY: kill with a pid of our own child.
         unsafe { libc::kill(child.id() as i32, signal) };
         let status = child.wait().unwrap();

@@ -3,6 +3,19 @@
 
 use keepwarm_tests::{built_library, replace_atomically, HostProcess};
 
+/// A copy of the example plugin with `code` added before its `plugin!`
+/// line, under the package name `package`.
+fn example_with(package: &str, code: &str) -> keepwarm_tests::Scratch {
+    let plugin = keepwarm_tests::Scratch::copy_of("example-plugin", package);
+    plugin.edit(|s| {
+        s.replace(
+            "keepwarm_api::plugin!",
+            &format!("{code}\nkeepwarm_api::plugin!"),
+        )
+    });
+    plugin
+}
+
 /// `cargo build && keepwarm call version` answers the new build, every
 /// time, without waiting for the watcher.
 #[test]
@@ -275,12 +288,9 @@ fn failures_are_not_cached() {
 /// float, u128::MAX and i128::MIN come back as they went (issue 11, row 9).
 #[test]
 fn integers_beyond_64_bits_go_through_exactly() {
-    use keepwarm_tests::Scratch;
-    let plugin = Scratch::copy_of("example-plugin", "kw_trust_wide");
-    plugin.edit(|s| {
-        s.replace(
-            "keepwarm_api::plugin!",
-            r#"
+    let plugin = example_with(
+        "kw_trust_wide",
+        r#"
 #[export]
 #[memo]
 pub fn fib_wide(n: u32) -> u128 {
@@ -294,10 +304,8 @@ pub fn echo_i128(x: i128) -> i128 { x }
 pub fn echo_u64(x: u64) -> u64 { x }
 #[export]
 pub fn halve(x: f64) -> f64 { x / 2.0 }
-
-keepwarm_api::plugin!"#,
-        )
-    });
+"#,
+    );
     let lib = plugin.build();
     let host = HostProcess::start(&lib, &[]);
     host.wait_for("generation 1 loaded");
@@ -332,4 +340,160 @@ keepwarm_api::plugin!"#,
     let out = host.cli(&["call", "echo_u128", "1.5"]);
     assert_eq!(out.status, Some(1), "{out:?}");
     assert!(out.stderr.contains("argument 1 (1.5)"), "{out:?}");
+}
+
+/// A memoized struct whose two same-typed fields swap places, and a return
+/// type that changes (u32 -> i64), are recomputed after the rebuild: the
+/// entry's shape tag (the type's full structure) differs, so it is a miss
+/// counted as `shape_mismatch`, never a hit decoded into the wrong fields
+/// (issue 11, rows 5 and 10).
+#[test]
+fn a_value_of_another_shape_is_never_served() {
+    use keepwarm_tests::Scratch;
+    let plugin = Scratch::copy_of("example-plugin", "kw_trust_shape");
+    let manifest = plugin.dir().join("Cargo.toml");
+    let text = std::fs::read_to_string(&manifest).unwrap();
+    std::fs::write(
+        &manifest,
+        text.replace(
+            "[dependencies]\n",
+            "[dependencies]\nserde = { version = \"1\", features = [\"derive\"] }\n",
+        ),
+    )
+    .unwrap();
+    plugin.edit(|s| {
+        s.replace(
+            "keepwarm_api::plugin!",
+            r#"
+#[derive(serde::Serialize, serde::Deserialize)]
+pub struct P { pub a: u32, pub b: u32 }
+
+#[export]
+#[memo]
+pub fn pair(x: u32) -> P {
+    log!("pair({x}) computed");
+    P { a: x, b: x * 10 }
+}
+
+#[export]
+#[memo]
+pub fn widen(x: u32) -> u32 {
+    log!("widen({x}) computed");
+    x + 1
+}
+
+keepwarm_api::plugin!"#,
+        )
+    });
+    let lib = plugin.build();
+    let host = HostProcess::start(&lib, &[]);
+    host.wait_for("generation 1 loaded");
+    let out = host.cli(&["call", "pair", "3"]);
+    assert_eq!(out.json(), serde_json::json!({"a": 3, "b": 30}), "{out:?}");
+    assert_eq!(host.call("widen", &["4"]), 5);
+    // Warm: hits.
+    host.cli(&["call", "pair", "3"]);
+    host.call("widen", &["4"]);
+    assert_eq!(host.count("pair(3) computed"), 1);
+    let before = host.stats();
+    assert_eq!(before["pair"]["hits"], 1);
+    assert_eq!(before["pair"]["shape_mismatch"], 0);
+
+    // Swap the fields (same names, same types, same body), and widen the
+    // return type with a new body (a plain #[memo] keeps entries across body
+    // edits, but not across a change of what its values are).
+    plugin.edit(|s| {
+        s.replace(
+            "pub struct P { pub a: u32, pub b: u32 }",
+            "pub struct P { pub b: u32, pub a: u32 }",
+        )
+        .replace(
+            "pub fn widen(x: u32) -> u32 {",
+            "pub fn widen(x: u32) -> i64 {",
+        )
+        .replace("    x + 1\n", "    i64::from(x) + 2\n")
+    });
+    plugin.build();
+    host.wait_for("generation 2 reloaded");
+    let out = host.cli(&["call", "pair", "3"]);
+    assert_eq!(out.status, Some(0), "{out:?}");
+    assert_eq!(
+        out.json(),
+        serde_json::json!({"a": 3, "b": 30}),
+        "the old entry must not decode into swapped fields: {out:?}"
+    );
+    assert_eq!(host.call("widen", &["4"]), 6, "recomputed by the new body");
+    host.wait_for_nth("pair(3) computed", 2);
+    let after = host.stats();
+    assert_eq!(after["pair"]["hits"], 1, "a mismatch is not a hit");
+    assert_eq!(after["pair"]["shape_mismatch"], 1);
+    assert_eq!(after["widen"]["shape_mismatch"], 1);
+    // The new value replaced the old one: the next call is a plain hit.
+    host.cli(&["call", "pair", "3"]);
+    let last = host.stats();
+    assert_eq!(last["pair"]["hits"], 2);
+    assert_eq!(last["pair"]["shape_mismatch"], 1);
+    assert_eq!(host.count("pair(3) computed"), 2);
+}
+
+/// `#[memo(ttl = SECONDS)]` entries expire (a miss counted as `expired`),
+/// and `#[memo(key = EXPR)]` / `key = "Type", convert = "EXPR"` cache by a
+/// projection of the arguments (what `#[cached]` users expect).
+#[test]
+fn memo_ttl_and_custom_keys() {
+    let plugin = example_with(
+        "kw_trust_options",
+        r#"
+#[export]
+#[memo(ttl = 1)]
+pub fn stamp(x: u64) -> u64 {
+    log!("stamp({x}) computed");
+    x
+}
+
+#[export]
+#[memo(key = x / 10)]
+pub fn decade(x: u64) -> u64 {
+    log!("decade({x}) computed");
+    x / 10 * 10
+}
+
+#[export]
+#[memo(key = "String", convert = "{ word.to_lowercase() }")]
+pub fn shout(word: String) -> String {
+    log!("shout({word}) computed");
+    word.to_uppercase()
+}
+"#,
+    );
+    let lib = plugin.build();
+    let host = HostProcess::start(&lib, &[]);
+    host.wait_for("generation 1 loaded");
+    assert_eq!(host.call("stamp", &["7"]), 7);
+    assert_eq!(host.call("stamp", &["7"]), 7);
+    assert_eq!(host.stats()["stamp"]["hits"], 1);
+    // The behaviour under test is time: let the entry outlive its second.
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    assert_eq!(host.call("stamp", &["7"]), 7);
+    host.wait_for_nth("stamp(7) computed", 2);
+    let stats = host.stats();
+    assert_eq!(stats["stamp"]["expired"], 1);
+    assert_eq!(stats["stamp"]["misses"], 2);
+    assert_eq!(stats["stamp"]["hits"], 1);
+
+    assert_eq!(host.call("decade", &["15"]), 10);
+    assert_eq!(
+        host.call("decade", &["17"]),
+        10,
+        "same key: 17 / 10 == 15 / 10"
+    );
+    assert_eq!(host.call("decade", &["23"]), 20);
+    assert_eq!(host.count("decade("), 2, "{:?}", host.lines());
+    assert_eq!(host.stats()["decade"]["hits"], 1);
+
+    let out = host.cli(&["call", "shout", "Hello"]);
+    assert_eq!(out.stdout.trim(), "\"HELLO\"", "{out:?}");
+    let out = host.cli(&["call", "shout", "hELLO"]);
+    assert_eq!(out.stdout.trim(), "\"HELLO\"", "{out:?}");
+    assert_eq!(host.count("shout("), 1);
 }

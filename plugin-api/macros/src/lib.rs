@@ -21,7 +21,7 @@ use proc_macro::TokenStream;
 use proc_macro2::{Span, TokenStream as TokenStream2};
 use quote::{format_ident, quote, quote_spanned, ToTokens};
 use syn::spanned::Spanned;
-use syn::{parse_macro_input, FnArg, ItemFn, LitInt, LitStr, Pat, ReturnType, Type};
+use syn::{parse_macro_input, Expr, FnArg, ItemFn, LitInt, LitStr, Pat, ReturnType, Type};
 
 /// FNV-1a, 64 bits: a stable hash for code tokens (not for security).
 fn fnv64(bytes: &[u8]) -> u64 {
@@ -89,6 +89,10 @@ pub fn memo(attr: TokenStream, item: TokenStream) -> TokenStream {
     let mut version: Option<u64> = None;
     let mut reset_on_change = false;
     let mut option = false;
+    let mut ttl_ms = 0u64;
+    let mut key: Option<Expr> = None;
+    let mut key_type: Option<Type> = None;
+    let mut convert: Option<Expr> = None;
     let parser = syn::meta::parser(|meta| {
         if meta.path.is_ident("name") {
             name = Some(meta.value()?.parse::<LitStr>()?.value());
@@ -102,9 +106,31 @@ pub fn memo(attr: TokenStream, item: TokenStream) -> TokenStream {
             reset_on_change = true;
         } else if meta.path.is_ident("option") {
             option = true;
+        } else if meta.path.is_ident("ttl") {
+            let secs: u64 = meta.value()?.parse::<LitInt>()?.base10_parse()?;
+            if secs == 0 {
+                return Err(meta.error("#[memo(ttl = SECONDS)] needs at least 1 second"));
+            }
+            ttl_ms = secs.saturating_mul(1000);
+        } else if meta.path.is_ident("key") {
+            // `key = EXPR`, or the `cached` crate's `key = "Type"` with
+            // `convert = "{ EXPR }"`.
+            let value = meta.value()?;
+            if value.peek(LitStr) {
+                key_type = Some(value.parse::<LitStr>()?.parse::<Type>()?);
+            } else {
+                key = Some(value.parse::<Expr>()?);
+            }
+        } else if meta.path.is_ident("convert") {
+            let value = meta.value()?;
+            convert = Some(if value.peek(LitStr) {
+                value.parse::<LitStr>()?.parse::<Expr>()?
+            } else {
+                value.parse::<Expr>()?
+            });
         } else {
             return Err(meta.error(
-                "unknown #[memo] option; expected name = \"...\", max_entries = N, max_bytes = N, version = N, reset_on_change or option",
+                "unknown #[memo] option; expected name = \"...\", max_entries = N, max_bytes = N, version = N, reset_on_change, option, ttl = SECONDS, key = EXPR or key = \"Type\" with convert = \"EXPR\"",
             ));
         }
         Ok(())
@@ -113,6 +139,59 @@ pub fn memo(attr: TokenStream, item: TokenStream) -> TokenStream {
     let args = match plain_args(&f, "memo") {
         Ok(a) => a,
         Err(e) => return e,
+    };
+    // The key expression and the fingerprint of its shape.
+    let (key_expr, key_shape) = match (key, key_type, convert) {
+        (Some(_), Some(_), _) => unreachable!("key is one or the other"),
+        (Some(e), None, None) => {
+            let tokens = e.to_token_stream().to_string();
+            (
+                quote!(&(#e)),
+                quote!(::keepwarm_api::__private::shape::of_expression(#tokens, &(#e))),
+            )
+        }
+        (None, Some(ty), Some(e)) => {
+            let tokens = e.to_token_stream().to_string();
+            (
+                quote!(&{ let __kw_key: #ty = #e; __kw_key }),
+                quote!({
+                    #[allow(unused_imports)]
+                    use ::keepwarm_api::__private::shape::{ViaName as _, ViaTrace as _};
+                    ::keepwarm_api::__private::shape::tag(
+                        (&::keepwarm_api::__private::shape::Probe::<#ty>::new()).shape(),
+                        &[::keepwarm_api::__private::shape::of_expression(#tokens, "")],
+                    )
+                }),
+            )
+        }
+        (None, Some(ty), None) => {
+            return error(
+                ty.span(),
+                "#[memo(key = \"Type\")] needs convert = \"EXPR\" to compute the key (or write key = EXPR)",
+            )
+        }
+        (Some(_), None, Some(e)) | (None, None, Some(e)) => {
+            return error(
+                e.span(),
+                "#[memo(convert = ...)] goes with key = \"Type\"; or write key = EXPR alone",
+            )
+        }
+        (None, None, None) => {
+            let names: Vec<_> = args.iter().map(|(n, _)| n).collect();
+            // Each key part's shape: its owned type traced, else its name.
+            let parts = args.iter().map(|(_, ty)| {
+                let owned = owned_type(ty);
+                quote!((&::keepwarm_api::__private::shape::Probe::<#owned>::new()).shape())
+            });
+            (
+                quote!(&(#(&#names,)*)),
+                quote!({
+                    #[allow(unused_imports)]
+                    use ::keepwarm_api::__private::shape::{ViaName as _, ViaTrace as _};
+                    ::keepwarm_api::__private::shape::tag(0, &[#(#parts),*])
+                }),
+            )
+        }
     };
     let ReturnType::Type(_, ret) = &f.sig.output else {
         return error(
@@ -161,7 +240,6 @@ pub fn memo(attr: TokenStream, item: TokenStream) -> TokenStream {
     let vis = &f.vis;
     let sig = &f.sig;
     let block = &f.block;
-    let names: Vec<_> = args.iter().map(|(n, _)| n).collect();
     let checks = args.iter().map(|(_, ty)| {
         quote_spanned! {ty.span()=> ::keepwarm_api::__private::assert_key::<#ty>(); }
     });
@@ -190,10 +268,23 @@ pub fn memo(attr: TokenStream, item: TokenStream) -> TokenStream {
                     }
                     fnv(#code_hash, ::core::module_path!()) | 1
                 });
-            static __KW_MEMO_HANDLE: ::keepwarm_api::HostCache = ::keepwarm_api::HostCache::new(#cache);
+            // The shape of the values and keys, traced on first use in each
+            // generation: an entry of another shape is a miss, never a hit.
+            fn __kw_memo_shape() -> u64 {
+                ::keepwarm_api::__private::shape::tag(
+                    ::keepwarm_api::__private::shape::of::<#ret>(),
+                    &[__KW_MEMO_KEY_SHAPE.load(::core::sync::atomic::Ordering::Relaxed)],
+                )
+            }
+            static __KW_MEMO_KEY_SHAPE: ::core::sync::atomic::AtomicU64 = ::core::sync::atomic::AtomicU64::new(0);
+            static __KW_MEMO_HANDLE: ::keepwarm_api::HostCache =
+                ::keepwarm_api::HostCache::memo(#cache, __kw_memo_shape, #ttl_ms);
             #(#checks)*
             #ret_check
-            let __kw_key = ::keepwarm_api::__private::encode_key(&(#(&#names,)*));
+            if __KW_MEMO_KEY_SHAPE.load(::core::sync::atomic::Ordering::Relaxed) == 0 {
+                __KW_MEMO_KEY_SHAPE.store(#key_shape | 1, ::core::sync::atomic::Ordering::Relaxed);
+            }
+            let __kw_key = ::keepwarm_api::__private::encode_key(#key_expr);
             ::keepwarm_api::__private::cached_key_if(
                 ::keepwarm_api::__private::Target::Static(&__KW_MEMO_HANDLE),
                 __kw_key,
@@ -203,6 +294,22 @@ pub fn memo(attr: TokenStream, item: TokenStream) -> TokenStream {
         }
     }
     .into()
+}
+
+/// The owned form of an argument type, as a key's shape is traced: `&str`
+/// is `String`, `&[T]` is `Vec<T>`, `&T` is `T`.
+fn owned_type(ty: &Type) -> TokenStream2 {
+    match ty {
+        Type::Reference(r) => match &*r.elem {
+            Type::Path(p) if p.path.is_ident("str") => quote!(::std::string::String),
+            Type::Slice(s) => {
+                let e = &s.elem;
+                quote!(::std::vec::Vec<#e>)
+            }
+            other => other.to_token_stream(),
+        },
+        other => other.to_token_stream(),
+    }
 }
 
 /// Whether a return type is spelled `Result<...>` (then its error is the
