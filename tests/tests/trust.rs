@@ -490,6 +490,25 @@ pub fn shout(word: String) -> String {
     assert_eq!(host.call("decade", &["23"]), 20);
     assert_eq!(host.count("decade("), 2, "{:?}", host.lines());
     assert_eq!(host.stats()["decade"]["hits"], 1);
+    // `keepwarm stats FN`: the function's cache_info() (hits, misses,
+    // maxsize = capacity, currsize = entries).
+    let info = host.cli(&["stats", "decade", "--json"]).json();
+    let info = &info.as_array().unwrap()[0];
+    assert_eq!(
+        (
+            &info["hits"],
+            &info["misses"],
+            &info["entries"],
+            &info["capacity"]
+        ),
+        (&1.into(), &2.into(), &2.into(), &100_000.into()),
+        "{info}"
+    );
+    let table = host.cli(&["stats", "decade"]).stdout;
+    assert!(
+        table.lines().count() == 2 && table.contains("decade"),
+        "{table}"
+    );
 
     let out = host.cli(&["call", "shout", "Hello"]);
     assert_eq!(out.stdout.trim(), "\"HELLO\"", "{out:?}");
