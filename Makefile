@@ -6,7 +6,7 @@ LIB := target/debug/libexample_plugin.so
 
 ## build: the host and the example plugin
 build:
-	$(CARGO) build -p keepwarm -p example-plugin
+	$(CARGO) build -p keepwarm-cli -p example-plugin
 
 ## run: build, then start the host on the example plugin with its prompt
 run: build
@@ -28,13 +28,13 @@ watch:
 		$(CARGO) watch -w example-plugin -w plugin-api -x 'build -p example-plugin'; \
 	else \
 		echo "cargo-watch is not installed (cargo install cargo-watch); running keepwarm dev instead"; \
-		$(CARGO) build -p keepwarm && ./target/debug/keepwarm dev -p example-plugin; \
+		$(CARGO) build -p keepwarm-cli && ./target/debug/keepwarm dev -p example-plugin; \
 	fi
 
 ## bench: criterion benchmarks (cache cost, memoized fib, reload latency); see BENCHMARKS.md
 bench:
 	$(CARGO) bench -p keepwarm-tests
 
-## header: regenerate plugin-api/include/keepwarm.h from plugin-api/src/abi.rs
+## header: regenerate plugin-api/include/keepwarm.h from plugin-api/abi/src/lib.rs
 header:
-	KEEPWARM_BLESS=1 $(CARGO) test -p keepwarm-api --test header
+	KEEPWARM_BLESS=1 $(CARGO) test -p keepwarm-abi --test header

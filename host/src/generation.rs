@@ -7,7 +7,7 @@
 
 use std::time::{Duration, SystemTime};
 
-use keepwarm_api::abi::{self, KwSlice};
+use keepwarm_abi::{self as abi, KwSlice};
 
 use crate::host_api::HostTable;
 use crate::loader::{output_to, Library};
@@ -28,8 +28,11 @@ pub enum CallError {
     Failed(String),
     /// The function panicked (the panic was caught inside the plugin).
     Panicked(String),
-    /// The function returned something that is not JSON, or an unknown status.
+    /// The function returned something that is not JSON, or an unknown
+    /// status, or (typed calls) not the type asked for.
     BadResult(String),
+    /// Typed calls: the arguments do not serialize to JSON.
+    BadArguments(String),
 }
 
 impl std::fmt::Display for CallError {
@@ -46,7 +49,7 @@ impl std::fmt::Display for CallError {
             ),
             CallError::Failed(m) => write!(f, "{m}"),
             CallError::Panicked(m) => write!(f, "{m}"),
-            CallError::BadResult(m) => write!(f, "{m}"),
+            CallError::BadResult(m) | CallError::BadArguments(m) => write!(f, "{m}"),
         }
     }
 }
@@ -77,11 +80,10 @@ impl Drop for Generation {
         let left = self.library.unload();
         self.table.retire();
         if !left.is_empty() {
-            self.table.warn(&format!(
-                "generation {} left {} thread(s) running after on_unload (ids {left:?}); its code stays mapped so they cannot crash the host — stop your threads in on_unload",
-                self.number,
-                left.len()
-            ));
+            self.table.emit(&crate::Event::ThreadsLeft {
+                generation: self.number,
+                threads: left.iter().map(|&t| t as u64).collect(),
+            });
         }
     }
 }

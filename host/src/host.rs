@@ -9,12 +9,10 @@ use parking_lot::{Mutex, RwLock};
 use serde::{Deserialize, Serialize};
 
 use crate::cache::{Bounds, CacheStats, Store};
+use crate::events::{CacheCount, Event, EventSink};
 use crate::generation::{CallError, Generation};
-use crate::host_api::{HostTable, LogSink};
+use crate::host_api::HostTable;
 use crate::loader::{Library, LoadError};
-
-/// Where the host's own lines (reloads, plugin logs) go.
-pub type Printer = Arc<dyn Fn(&str) + Send + Sync>;
 
 /// How a host is set up.
 #[derive(Clone)]
@@ -23,38 +21,41 @@ pub struct Config {
     pub library: PathBuf,
     /// Cache bounds set by the user; they win over the plugin's declarations.
     pub cache_bounds: HashMap<String, Bounds>,
-    /// Where the host's lines go (standard output by default).
-    pub printer: Printer,
+    /// Where the host's events go (nowhere by default).
+    pub events: Option<EventSink>,
     /// A function to call, with no arguments, after every successful load;
-    /// its result (or error) is printed (`keepwarm run --then FN`).
+    /// its outcome is an [`Event::Then`] (`keepwarm run --then FN`).
     pub then: Option<String>,
 }
 
 impl Config {
-    /// A configuration for `library` with no overrides, printing to stdout.
+    /// A configuration for `library` with no overrides and no event sink.
     pub fn new(library: impl Into<PathBuf>) -> Config {
         Config {
             library: library.into(),
             cache_bounds: HashMap::new(),
-            printer: Arc::new(crate::output::out),
+            events: None,
             then: None,
         }
     }
-}
 
-/// Most cache names a reload line lists; the rest are counted.
-pub const LINE_NAMES: usize = 8;
-
-/// `a, b, c` for a few names; `a, …, h and 92 more` for many.
-fn capped(names: &[String]) -> String {
-    if names.len() <= LINE_NAMES {
-        return names.join(", ");
+    /// Sends the host's events to `sink`.
+    pub fn on_event(mut self, sink: impl Fn(&Event) + Send + Sync + 'static) -> Config {
+        self.events = Some(Arc::new(sink));
+        self
     }
-    format!(
-        "{} and {} more (keepwarm stats)",
-        names[..LINE_NAMES].join(", "),
-        names.len() - LINE_NAMES
-    )
+
+    /// Calls `function` (no arguments) after every successful load.
+    pub fn then(mut self, function: impl Into<String>) -> Config {
+        self.then = Some(function.into());
+        self
+    }
+
+    /// Bounds the cache `name` (winning over the plugin's declaration).
+    pub fn cache(mut self, name: impl Into<String>, bounds: Bounds) -> Config {
+        self.cache_bounds.insert(name.into(), bounds);
+        self
+    }
 }
 
 /// What `status` reports.
@@ -125,7 +126,7 @@ pub struct Host {
     /// [`Host::catch_up`]).
     seen: Mutex<Option<(crate::loader::FileId, Option<String>)>>,
     failed_reloads: Mutex<u64>,
-    printer: Arc<RwLock<Printer>>,
+    events: Arc<RwLock<Option<EventSink>>>,
     then: Option<String>,
     shadow_dir: crate::paths::ShadowDir,
 }
@@ -153,7 +154,7 @@ impl Host {
             waiting: Mutex::new(None),
             seen: Mutex::new(None),
             failed_reloads: Mutex::new(0),
-            printer: Arc::new(RwLock::new(config.printer)),
+            events: Arc::new(RwLock::new(config.events)),
             then: config.then,
             shadow_dir,
         }))
@@ -200,16 +201,17 @@ impl Host {
         drained
     }
 
-    /// Prints one host line.
-    pub fn print(&self, line: &str) {
-        let printer = Arc::clone(&self.printer.read());
-        printer(line)
+    /// Sends `event` to the sink, if there is one.
+    pub fn emit(&self, event: &Event) {
+        let sink = self.events.read().clone();
+        if let Some(sink) = sink {
+            sink(event)
+        }
     }
 
-    /// Sends the host's lines somewhere else from now on (the prompt routes
-    /// them above its input line).
-    pub fn set_printer(&self, printer: Printer) {
-        *self.printer.write() = printer;
+    /// Sends the host's events to `sink` from now on (`None`: nowhere).
+    pub fn set_event_sink(&self, sink: Option<EventSink>) {
+        *self.events.write() = sink;
     }
 
     /// The live generation's number (0 before the first load).
@@ -272,12 +274,12 @@ impl Host {
                 *self.last_transient.lock() = None;
                 *self.last_error.lock() = None;
                 *self.seen.lock() = Some((file, None));
-                let line = self.loaded_line(&generation, &reset);
+                let event = self.loaded_event(&generation, &reset);
                 // The swap: new calls go to the new generation at once; the
                 // old one retires when its in-flight calls drop their Arcs.
                 let old = self.current.write().replace(generation);
                 drop(old);
-                self.print(&line);
+                self.emit(&event);
                 drop(state);
                 self.run_then();
                 Ok(Reloaded::Loaded {
@@ -321,7 +323,7 @@ impl Host {
             .filter(|d| d.code_hash != 0)
             .map(|d| (Box::from(d.name.as_bytes()), d.code_hash))
             .collect();
-        let table = HostTable::new(number, Arc::clone(&self.store), self.log_sink(), declared);
+        let table = HostTable::new(number, Arc::clone(&self.store), self.sink(), declared);
         // SAFETY: host tables are never freed, so the table outlives the
         // library whatever happens.
         if let Err(e) = unsafe { library.run_on_load(table.as_ptr()) } {
@@ -340,46 +342,35 @@ impl Host {
         Ok((Arc::new(generation), reset))
     }
 
-    fn loaded_line(&self, g: &Generation, reset: &[String]) -> String {
-        let ms = g.load_time.as_secs_f64() * 1000.0;
-        let verb = if g.number == 1 { "loaded" } else { "reloaded" };
-        let caches: Vec<String> = self
+    fn loaded_event(&self, g: &Generation, reset: &[String]) -> Event {
+        let kept = self
             .store
             .stats()
             .into_iter()
             .filter(|s| !reset.contains(&s.name))
-            .map(|s| format!("{} ({})", s.name, s.entries))
+            .map(|s| CacheCount {
+                name: s.name,
+                entries: s.entries,
+            })
             .collect();
-        let mut line = format!(
-            "keepwarm: generation {} {verb} in {ms:.1} ms: {} ({} functions)",
-            g.number,
-            self.file_name(),
-            g.function_names().len()
-        );
-        if g.number > 1 {
-            if caches.is_empty() {
-                line.push_str("; no caches to keep");
-            } else {
-                line.push_str(&format!("; caches kept: {}", capped(&caches)));
-            }
+        Event::Loaded {
+            generation: g.number,
+            file: self.file_name(),
+            load_ms: g.load_time.as_secs_f64() * 1000.0,
+            functions: g.function_names().len(),
+            kept,
+            reset: reset.to_vec(),
         }
-        if !reset.is_empty() {
-            line.push_str(&format!(
-                "; reset because their code changed: {}",
-                capped(reset)
-            ));
-        }
-        line
     }
 
-    /// Calls the `--then` function, if any, and prints what it answered.
+    /// Calls the `--then` function, if any, and reports what it answered.
     fn run_then(&self) {
         let Some(function) = &self.then else { return };
-        let line = match self.call(function, &[]) {
-            Ok(value) => format!("keepwarm: {function}() = {value}"),
-            Err(e) => format!("keepwarm: {function}() failed: {e} (the host keeps serving)"),
-        };
-        self.print(&line);
+        let outcome = self.call_json(function, &[]).map_err(|e| e.to_string());
+        self.emit(&Event::Then {
+            function: function.clone(),
+            outcome,
+        });
     }
 
     /// Records whether the library path is missing (deleted by `cargo
@@ -391,13 +382,12 @@ impl Host {
                 "waiting for {} to reappear (deleted, or not built yet: cargo build); it loads as soon as it is back",
                 self.library.display()
             );
-            *waiting = Some(message.clone());
+            *waiting = Some(message);
             drop(waiting);
-            let serving = match self.current() {
-                Some(g) => format!("generation {} keeps serving", g.number),
-                None => "nothing is loaded yet".to_owned(),
-            };
-            self.print(&format!("keepwarm: {message} ({serving})"));
+            self.emit(&Event::Waiting {
+                library: self.library.clone(),
+                serving: self.current().map(|g| g.number),
+            });
         } else if !missing {
             *waiting = None;
         }
@@ -416,29 +406,27 @@ impl Host {
         self.report_failure(error);
     }
 
-    /// Counts and prints a failed load; the live generation keeps serving.
+    /// Counts and reports a failed load; the live generation keeps serving.
     pub fn report_failure(&self, error: &LoadError) {
         *self.failed_reloads.lock() += 1;
-        let message = format!("refused {}: {error}", self.file_name());
-        *self.last_error.lock() = Some(message.clone());
-        let serving = match self.current() {
-            Some(g) => format!("generation {} keeps serving", g.number),
-            None => "nothing is loaded yet".to_owned(),
-        };
-        self.print(&format!("keepwarm: {message} ({serving})"));
+        let file = self.file_name();
+        *self.last_error.lock() = Some(format!("refused {file}: {error}"));
+        self.emit(&Event::Refused {
+            file,
+            error: error.to_string(),
+            serving: self.current().map(|g| g.number),
+        });
     }
 
-    fn log_sink(&self) -> LogSink {
-        let printer = Arc::clone(&self.printer);
-        Arc::new(move |generation, level, message| {
-            let tag = match level {
-                keepwarm_api::abi::KW_LOG_ERROR => " error",
-                keepwarm_api::abi::KW_LOG_WARN => " warn",
-                keepwarm_api::abi::KW_LOG_DEBUG => " debug",
-                _ => "",
-            };
-            let print = Arc::clone(&printer.read());
-            print(&format!("[gen {generation}{tag}] {message}"))
+    /// The sink the host tables of this host's generations report to (it
+    /// follows [`Host::set_event_sink`]).
+    fn sink(&self) -> EventSink {
+        let events = Arc::clone(&self.events);
+        Arc::new(move |event| {
+            let sink = events.read().clone();
+            if let Some(sink) = sink {
+                sink(event)
+            }
         })
     }
 
@@ -481,9 +469,46 @@ impl Host {
         )
     }
 
+    /// Calls an exported function with typed arguments and result, through
+    /// serde: `args` is one argument, or a tuple of several (`&(2, 3)`), or
+    /// `&()` for none; the JSON result is decoded into `R`. A value that
+    /// serializes as a sequence is taken as the list of arguments: pass one
+    /// sequence argument as a 1-tuple, `&(vec![1, 2],)`.
+    ///
+    /// ```no_run
+    /// # let host = keepwarm::Host::new(keepwarm::Config::new("libexample_plugin.so")).unwrap();
+    /// let square: u64 = host.call("square", &10u64)?;
+    /// let primes: u64 = host.call("count_primes", &(100u64,))?;
+    /// let version: String = host.call("version", &())?;
+    /// # Ok::<(), keepwarm::CallError>(())
+    /// ```
+    pub fn call<R, A>(&self, function: &str, args: &A) -> Result<R, CallError>
+    where
+        R: serde::de::DeserializeOwned,
+        A: serde::Serialize + ?Sized,
+    {
+        let args = match serde_json::to_value(args) {
+            Ok(serde_json::Value::Array(all)) => all,
+            Ok(serde_json::Value::Null) => Vec::new(),
+            Ok(one) => vec![one],
+            Err(e) => {
+                return Err(CallError::BadArguments(format!(
+                    "the arguments of `{function}` do not serialize to JSON: {e}"
+                )))
+            }
+        };
+        let value = self.call_json(function, &args)?;
+        serde_json::from_value(value.clone()).map_err(|e| {
+            CallError::BadResult(format!(
+                "the result of `{function}` ({value}) is not a {}: {e}",
+                std::any::type_name::<R>()
+            ))
+        })
+    }
+
     /// Calls an exported function with JSON arguments, returning its JSON
     /// result. The generation stays alive for the duration of the call.
-    pub fn call(
+    pub fn call_json(
         &self,
         function: &str,
         args: &[serde_json::Value],

@@ -3,7 +3,7 @@
 //!
 //! Each shell checks its pointers, turns raw parts into Rust values, calls
 //! the safe logic in [`crate::cache`] and returns a status code; each body runs
-//! inside [`keepwarm_api::ffi_boundary`], so a host bug can never unwind into
+//! inside [`boundary!`](crate::boundary), so a host bug can never unwind into
 //! plugin code.
 
 use std::collections::HashMap;
@@ -12,22 +12,22 @@ use std::mem::MaybeUninit;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use keepwarm_api::abi::{
-    self, KwCacheHandle, KwCompute, KwHostApi, KwOpenOptions, KwSlice, KwStatus, KwValue,
+use keepwarm_abi::{
+    self as abi, KwCacheHandle, KwCompute, KwHostApi, KwOpenOptions, KwSlice, KwStatus, KwValue,
 };
 use parking_lot::Mutex;
 
 use crate::cache::{Cache, Computed, Found, PutError, Store, Want};
 
-/// Receives the lines plugins log: (generation, level, message).
-pub type LogSink = Arc<dyn Fn(u64, u32, &str) + Send + Sync>;
+use crate::boundary::boundary;
+use crate::events::{Event, EventSink};
 
 /// What the host table's `ctx` points to: one per generation, so log lines
 /// carry the generation that wrote them.
 pub struct HostContext {
     generation: u64,
     store: Arc<Store>,
-    log: LogSink,
+    events: EventSink,
     /// The caches this generation opened handles on. The store never drops
     /// a cache, but holding them here makes a handle's validity this
     /// context's own guarantee rather than the store's policy.
@@ -75,13 +75,13 @@ impl HostTable {
     pub fn new(
         generation: u64,
         store: Arc<Store>,
-        log: LogSink,
+        events: EventSink,
         declared: HashMap<Box<[u8]>, u64>,
     ) -> HostTable {
         let context: &'static HostContext = Box::leak(Box::new(HostContext {
             generation,
             store,
-            log,
+            events,
             opened: Mutex::new(Vec::new()),
             declared,
             retired: AtomicBool::new(false),
@@ -111,9 +111,9 @@ impl HostTable {
         self.table
     }
 
-    /// Logs a warning as this table's generation.
-    pub fn warn(&self, message: &str) {
-        (self.context.log)(self.context.generation, abi::KW_LOG_WARN, message);
+    /// Reports `event` where this table's generation reports.
+    pub fn emit(&self, event: &Event) {
+        (self.context.events)(event);
     }
 
     /// From now on every call through this table answers `KW_RETIRED`.
@@ -154,7 +154,7 @@ unsafe extern "C" fn cache_get(
     key: KwSlice,
     out: *mut KwValue,
 ) -> KwStatus {
-    keepwarm_api::ffi_boundary(None, || {
+    boundary!(abi::KW_PANIC, {
         // SAFETY: the plugin passes the ctx of its table (ABI contract).
         if unsafe { retired(ctx) } {
             return abi::KW_RETIRED;
@@ -286,7 +286,7 @@ unsafe extern "C" fn cache_open_with(
     opts: *const KwOpenOptions,
     out: *mut KwCacheHandle,
 ) -> KwStatus {
-    keepwarm_api::ffi_boundary(None, || {
+    boundary!(abi::KW_PANIC, {
         // SAFETY: the plugin passes the ctx of its table (ABI contract).
         if unsafe { retired(ctx) } {
             return abi::KW_RETIRED;
@@ -359,7 +359,7 @@ unsafe extern "C" fn cache_get_into(
     cap: usize,
     out: *mut KwValue,
 ) -> KwStatus {
-    keepwarm_api::ffi_boundary(None, || {
+    boundary!(abi::KW_PANIC, {
         // SAFETY: the plugin passes the ctx of its table (ABI contract).
         if unsafe { retired(ctx) } {
             return abi::KW_RETIRED;
@@ -408,7 +408,7 @@ unsafe extern "C" fn cache_put_handle(
     key: KwSlice,
     value: KwSlice,
 ) -> KwStatus {
-    keepwarm_api::ffi_boundary(None, || {
+    boundary!(abi::KW_PANIC, {
         // SAFETY: the plugin passes the ctx of its table (ABI contract).
         if unsafe { retired(ctx) } {
             return abi::KW_RETIRED;
@@ -488,7 +488,7 @@ unsafe extern "C" fn cache_get_or_compute_into(
     cap: usize,
     out: *mut KwValue,
 ) -> KwStatus {
-    keepwarm_api::ffi_boundary(None, || {
+    boundary!(abi::KW_PANIC, {
         // SAFETY: the plugin passes the ctx of its table (ABI contract).
         if unsafe { retired(ctx) } {
             return abi::KW_RETIRED;
@@ -534,7 +534,7 @@ unsafe extern "C" fn cache_get_or_compute(
     compute: KwCompute,
     out: *mut KwValue,
 ) -> KwStatus {
-    keepwarm_api::ffi_boundary(None, || {
+    boundary!(abi::KW_PANIC, {
         // SAFETY: the plugin passes the ctx of its table (ABI contract).
         if unsafe { retired(ctx) } {
             return abi::KW_RETIRED;
@@ -565,21 +565,20 @@ unsafe extern "C" fn cache_get_or_compute(
 
 unsafe extern "C" fn value_release(_ctx: *mut c_void, value: *mut KwValue) {
     // A lease is given back even after retirement: it is the plugin's.
-    keepwarm_api::ffi_boundary(None, || {
+    boundary!((), {
         // SAFETY: the plugin passes a value it got from cache_get, once.
         let Some(value) = (unsafe { value.as_mut() }) else {
-            return abi::KW_INVALID_ARGUMENT;
+            return;
         };
         if value.lease.is_null() {
-            return abi::KW_INVALID_ARGUMENT;
+            return;
         }
         let raw = std::ptr::slice_from_raw_parts(value.lease as *const u8, value.len);
         // SAFETY: `lease` and `len` are the parts of an Arc<[u8]> that
         // cache_get turned into a raw pointer; this gives that count back.
         drop(unsafe { Arc::from_raw(raw) });
         *value = KwValue::empty();
-        abi::KW_OK
-    });
+    })
 }
 
 unsafe extern "C" fn cache_put(
@@ -588,7 +587,7 @@ unsafe extern "C" fn cache_put(
     key: KwSlice,
     value: KwSlice,
 ) -> KwStatus {
-    keepwarm_api::ffi_boundary(None, || {
+    boundary!(abi::KW_PANIC, {
         // SAFETY: the plugin passes the ctx of its table (ABI contract).
         if unsafe { retired(ctx) } {
             return abi::KW_RETIRED;
@@ -611,7 +610,7 @@ unsafe extern "C" fn cache_put(
 }
 
 unsafe extern "C" fn cache_reset(ctx: *mut c_void, cache: KwSlice) -> KwStatus {
-    keepwarm_api::ffi_boundary(None, || {
+    boundary!(abi::KW_PANIC, {
         // SAFETY: the plugin passes the ctx of its table (ABI contract).
         if unsafe { retired(ctx) } {
             return abi::KW_RETIRED;
@@ -626,17 +625,20 @@ unsafe extern "C" fn cache_reset(ctx: *mut c_void, cache: KwSlice) -> KwStatus {
 }
 
 unsafe extern "C" fn log_line(ctx: *mut c_void, level: u32, message: KwSlice) {
-    keepwarm_api::ffi_boundary(None, || {
+    boundary!((), {
         // SAFETY: the plugin passes the ctx of its table (ABI contract).
         if unsafe { retired(ctx) } {
-            return abi::KW_RETIRED;
+            return;
         }
         // SAFETY: as in cache_get.
         let (Some(ctx), Some(bytes)) = (unsafe { context(ctx) }, unsafe { message.as_bytes() })
         else {
-            return abi::KW_INVALID_ARGUMENT;
+            return;
         };
-        (ctx.log)(ctx.generation, level, &String::from_utf8_lossy(bytes));
-        abi::KW_OK
-    });
+        (ctx.events)(&Event::Log {
+            generation: ctx.generation,
+            level,
+            message: String::from_utf8_lossy(bytes).into_owned(),
+        });
+    })
 }

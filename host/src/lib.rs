@@ -1,31 +1,47 @@
-//! `keepwarm`: the hot-reload host as a library. The binary `keepwarm` is a
-//! thin shell around it.
+//! `keepwarm`: the hot-reload runtime as a library. It loads a plugin
+//! library, watches the file, swaps in each complete new build, and keeps
+//! memoized results in host-owned caches across reloads. It never prints and
+//! never exits the process: it returns values and sends typed [`Event`]s to
+//! the sink its [`Config`] names. The `keepwarm` binary (crate
+//! `keepwarm-cli`) is one user of it; an application can embed it the same
+//! way.
 //!
-//! A [`Host`] loads a plugin library (see `keepwarm-api` for the ABI) into a
-//! new *generation*, watches the file, and swaps in a new generation whenever
-//! a complete new build lands. Memoized results live in named caches owned by
-//! the host ([`cache::Store`]), so they survive every reload.
+//! A [`Host`] loads a plugin (see `keepwarm-abi` for the C ABI and
+//! `keepwarm-api` for the Rust SDK) into a new *generation*; the
+//! [`watcher`] reloads it when a new build lands; [`control`] serves the
+//! control socket (`keepwarm call …`). Memoized results live in named caches
+//! ([`cache::Store`]), so they survive every reload.
 //!
 //! | module | role |
 //! | --- | --- |
 //! | [`loader`] | readiness check, shadow copy, dlopen, ABI check |
 //! | [`generation`] | one loaded version and the calls into it |
-//! | [`host`] | the current generation, reloading, status |
+//! | [`host`] | the current generation, reloading, status, typed calls |
+//! | [`events`] | what the host reports: loads, refusals, plugin logs |
 //! | [`cache`] | named LRU caches and their figures |
 //! | [`host_api`] | the `extern "C"` functions plugins call |
 //! | [`watcher`] | file events to reloads |
-//! | [`control`] | the control socket, its protocol and commands |
-//! | [`repl`] | the prompt of `keepwarm run` |
-//! | [`serve`] | what `run` and `dev` share: socket, watcher, prompt |
-//! | [`dev`] | `keepwarm dev`: build, serve, rebuild on source changes |
+//! | [`control`] | the control socket, its protocol and one handler per command |
+//! | [`paths`] | the runtime directory, shadow directories, default socket |
+//! | [`threads`] | the host's threads, told apart from those a plugin starts |
 //!
-//! Embedding the host (the plugin path is whatever your build produced):
+//! Embedding the host (the plugin path is whatever your build produced; see
+//! `host/examples/embed.rs` for a whole program):
 //!
 //! ```no_run
-//! let host = keepwarm::Host::new(keepwarm::Config::new("target/debug/libexample_plugin.so"))?;
-//! host.reload(false)?; // prints "keepwarm: generation 1 loaded in ... ms"
-//! let _watch = keepwarm::watcher::watch(host.clone())?;
-//! assert_eq!(host.call("square", &[10.into()])?, serde_json::json!(100));
+//! use keepwarm::{Config, Event, Host};
+//!
+//! let config = Config::new("target/debug/libexample_plugin.so").on_event(|event: &Event| {
+//!     if let Event::Loaded { generation, .. } = event {
+//!         eprintln!("generation {generation} is live");
+//!     }
+//! });
+//! let host = Host::new(config)?;
+//! host.reload(false)?;
+//! let _watch = keepwarm::watcher::watch(host.clone())?; // reloads on rebuilds
+//! let square: u64 = host.call("square", &10u64)?;
+//! assert_eq!(square, 100);
+//! host.shutdown(std::time::Duration::from_secs(5));
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 //!
@@ -40,21 +56,19 @@
 //! ```
 #![deny(unsafe_op_in_unsafe_fn)]
 
+mod boundary;
 pub mod cache;
-pub mod cli;
 pub mod control;
-pub mod dev;
+pub mod events;
 pub mod generation;
 pub mod host;
 pub mod host_api;
 pub mod loader;
-pub mod output;
 pub mod paths;
-pub mod repl;
-pub mod serve;
 pub mod threads;
 pub mod watcher;
 
+pub use events::{Event, EventSink};
 pub use generation::CallError;
 pub use host::{Config, Host, Reloaded, Status};
 pub use loader::LoadError;

@@ -16,7 +16,7 @@ use std::ffi::c_void;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use keepwarm_api::abi::{self, KwCacheDecl, KwFunction, KwHostApi, KwOutput, KwPlugin, KwStatus};
+use keepwarm_abi::{self as abi, KwCacheDecl, KwFunction, KwHostApi, KwOutput, KwPlugin, KwStatus};
 use object::read::elf::{FileHeader, ProgramHeader};
 use object::{elf, Endianness};
 
@@ -265,7 +265,7 @@ impl fmt::Display for LoadError {
             LoadError::NoEntrySymbol => write!(
                 f,
                 "the library has no `{}` symbol, so it is not a keepwarm plugin — declare one with keepwarm_api::plugin! (Rust), or export `const KwPlugin *keepwarm_plugin(void)` (C, see keepwarm.h)",
-                keepwarm_api::KW_ENTRY_SYMBOL
+                keepwarm_abi::KW_ENTRY_SYMBOL
             ),
             LoadError::AbiMismatch { plugin } => write!(
                 f,
@@ -746,7 +746,7 @@ impl Drop for Library {
 /// `ctx` must be the `&mut Vec<u8>` passed to [`output_to`], alive for the
 /// call, and `ptr` valid for `len` bytes.
 unsafe extern "C" fn write_to_vec(ctx: *mut c_void, ptr: *const u8, len: usize) {
-    keepwarm_api::ffi_boundary(None, || {
+    crate::boundary::boundary!((), {
         // SAFETY: per this function's contract.
         let (buf, bytes) = unsafe {
             (
@@ -757,8 +757,7 @@ unsafe extern "C" fn write_to_vec(ctx: *mut c_void, ptr: *const u8, len: usize) 
         if let Some(bytes) = bytes {
             buf.extend_from_slice(bytes);
         }
-        abi::KW_OK
-    });
+    })
 }
 
 /// A [`KwOutput`] that appends to `buf`; valid while `buf` is borrowed.

@@ -55,7 +55,8 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(missing_docs)]
 
-pub mod abi;
+/// The C ABI (the `keepwarm-abi` crate): `#[repr(C)]` types, status codes.
+pub use keepwarm_abi as abi;
 mod error;
 mod host;
 mod panic_hook;
@@ -76,7 +77,7 @@ pub use plugin::{cache, cached, ffi_boundary, panic_message, Args};
 /// ```
 /// assert_eq!(keepwarm_api::KW_ENTRY_SYMBOL, "keepwarm_plugin");
 /// ```
-pub const KW_ENTRY_SYMBOL: &str = "keepwarm_plugin";
+pub use keepwarm_abi::KW_ENTRY_SYMBOL;
 
 /// Memoizes a function in a host cache that survives every reload: the
 /// `@lru_cache` of keepwarm.

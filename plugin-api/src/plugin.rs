@@ -110,30 +110,7 @@ impl Args {
 /// assert_eq!(SQUARE.max_entries, 10_000);
 /// ```
 pub const fn cache(name: &'static str) -> KwCacheDecl {
-    KwCacheDecl {
-        name: KwSlice::from_str(name),
-        max_entries: 0,
-        max_bytes: 0,
-        code_hash: 0,
-    }
-}
-
-impl KwCacheDecl {
-    /// Sets the entry bound.
-    pub const fn max_entries(mut self, n: u64) -> KwCacheDecl {
-        self.max_entries = n;
-        self
-    }
-    /// Sets the byte bound (keys plus values).
-    pub const fn max_bytes(mut self, n: u64) -> KwCacheDecl {
-        self.max_bytes = n;
-        self
-    }
-    /// Sets the code hash: a reload that declares another hash resets the cache.
-    pub const fn code_hash(mut self, hash: u64) -> KwCacheDecl {
-        self.code_hash = hash;
-        self
-    }
+    KwCacheDecl::new(name)
 }
 
 /// Memoizes `compute` in the host cache `cache` under `key`.

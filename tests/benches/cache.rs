@@ -32,7 +32,6 @@ const EVICT_CAPACITY: usize = 1_000;
 
 fn start_host(library: &str) -> Arc<Host> {
     let mut config = Config::new(built_release_library(library));
-    config.printer = Arc::new(|_| {});
     for (name, _, _) in SIZES {
         config.cache_bounds.insert(
             format!("evict_{name}"),
@@ -48,7 +47,7 @@ fn start_host(library: &str) -> Arc<Host> {
 }
 
 fn call(host: &Host, f: &str, args: Value) -> Value {
-    host.call(f, args.as_array().unwrap()).unwrap()
+    host.call_json(f, args.as_array().unwrap()).unwrap()
 }
 
 fn key(len: usize, i: u64) -> Vec<u8> {
@@ -157,7 +156,7 @@ fn memo(c: &mut Criterion) {
     });
     g.bench_function("c_warm_memo_call_json_from_host", |b| {
         let args = [json!(12)];
-        b.iter(|| host.call("memo_square", black_box(&args)).unwrap())
+        b.iter(|| host.call_json("memo_square", black_box(&args)).unwrap())
     });
     g.finish();
 
@@ -167,13 +166,13 @@ fn memo(c: &mut Criterion) {
         let args = [json!(90)];
         b.iter(|| {
             example.reset("fib");
-            example.call("fib", black_box(&args)).unwrap()
+            example.call_json("fib", black_box(&args)).unwrap()
         })
     });
     g.bench_function("warm", |b| {
         let args = [json!(90)];
-        example.call("fib", &args).unwrap();
-        b.iter(|| example.call("fib", black_box(&args)).unwrap())
+        example.call_json("fib", &args).unwrap();
+        b.iter(|| example.call_json("fib", black_box(&args)).unwrap())
     });
     g.finish();
 }

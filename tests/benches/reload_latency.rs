@@ -26,10 +26,9 @@ fn measure(label: &str, a: &Path, b: &Path) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("libswap.so");
     std::fs::copy(a, &path).unwrap();
-    let mut config = Config::new(&path);
-    config.printer = Arc::new(|line| {
-        if line.contains("refused") {
-            eprintln!("{line}");
+    let config = Config::new(&path).on_event(|event| {
+        if let keepwarm::Event::Refused { .. } = event {
+            eprintln!("{event:?}");
         }
     });
     let host = Host::new(config).unwrap();
@@ -49,7 +48,7 @@ fn measure(label: &str, a: &Path, b: &Path) {
         let complete = Instant::now();
         std::fs::rename(&staged, &path).unwrap();
         loop {
-            if host.call("version", &[]).is_ok_and(|v| v == want) {
+            if host.call_json("version", &[]).is_ok_and(|v| v == want) {
                 break;
             }
             assert!(

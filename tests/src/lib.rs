@@ -91,7 +91,7 @@ pub fn build_all() {
             "build",
             "--quiet",
             "-p",
-            "keepwarm",
+            "keepwarm-cli",
             "-p",
             "example-plugin",
             "-p",

@@ -22,10 +22,9 @@ fn host_on_swap_a() -> (tempfile::TempDir, PathBuf, Arc<Host>, watcher::Watch) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("libswap.so");
     std::fs::copy(built_library("swap_a"), &path).unwrap();
-    let mut config = Config::new(&path);
-    config.printer = Arc::new(|line| {
-        if line.contains("refused") {
-            eprintln!("{line}");
+    let config = Config::new(&path).on_event(|event| {
+        if let keepwarm::Event::Refused { .. } = event {
+            eprintln!("{event:?}");
         }
     });
     let host = Host::new(config).unwrap();
@@ -109,7 +108,7 @@ fn load_during_reloads_loses_no_call_and_no_entry() {
     const KEYS: u64 = 100;
     for x in 0..KEYS {
         assert_eq!(
-            host.call("whole", &[x.into()]).unwrap(),
+            host.call_json("whole", &[x.into()]).unwrap(),
             json!(["a", x * x, "a"])
         );
     }
@@ -130,9 +129,9 @@ fn load_during_reloads_loses_no_call_and_no_entry() {
                     let x = i % KEYS;
                     let begun = Instant::now();
                     let (memo, answer) = if i % 2 == 0 {
-                        (true, host.call("whole", &[x.into()]))
+                        (true, host.call_json("whole", &[x.into()]))
                     } else {
-                        (false, host.call("plain", &[x.into()]))
+                        (false, host.call_json("plain", &[x.into()]))
                     };
                     longest.fetch_max(begun.elapsed().as_micros() as u64, Ordering::Relaxed);
                     let whole = match &answer {
@@ -215,7 +214,7 @@ fn a_thousand_reloads_keep_shadow_files_bounded() {
         "only the live generation's shadow copy remains"
     );
     assert_eq!(
-        host.call("version", &[]).unwrap(),
+        host.call_json("version", &[]).unwrap(),
         if RELOADS.is_multiple_of(2) { "a" } else { "b" }
     );
 }
@@ -233,9 +232,9 @@ fn contended_cache_figures_stay_consistent() {
             let host = &host;
             s.spawn(move || {
                 if t % 2 == 0 {
-                    host.call("hammer", &["contended".into(), 100.into(), ROUNDS.into()])
+                    host.call_json("hammer", &["contended".into(), 100.into(), ROUNDS.into()])
                 } else {
-                    host.call("hammer_handle", &[100.into(), ROUNDS.into()])
+                    host.call_json("hammer_handle", &[100.into(), ROUNDS.into()])
                 }
                 .unwrap()
             });
@@ -268,7 +267,7 @@ fn reloads_of_a_plugin_with_thread_local_destructors_are_measured() {
     const RELOADS: u64 = 100;
     for n in 0..RELOADS {
         // Each generation touches its thread-local on this thread.
-        host.call("tls", &[]).unwrap();
+        host.call_json("tls", &[]).unwrap();
         swap(if n % 2 == 0 { &b } else { &a }, &path, false);
         wait_for_generation(&host, n + 2);
     }

@@ -211,7 +211,7 @@ fn cache_handles_copy_small_values_lend_large_ones_and_survive_reloads() {
 
     let host = Host::new(Config::new(built_library("faults"))).unwrap();
     host.reload(false).unwrap();
-    let call = |f: &str, args: Value| host.call(f, args.as_array().unwrap()).unwrap();
+    let call = |f: &str, args: Value| host.call_json(f, args.as_array().unwrap()).unwrap();
     // 8 bytes (fits the 64-byte inline buffer), 1,000 (fits get_with's 2 KiB
     // buffer, not Value's), 100,000 (lent by both).
     let sizes = [(1u64, 8u64), (2, 1_000), (3, 100_000)];

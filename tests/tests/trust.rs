@@ -81,7 +81,7 @@ fn concurrent_memoized_recursion_has_no_false_cycles_and_honest_figures() {
                         if i % 97 == 0 {
                             host.reset("depth"); // keep it cold
                         }
-                        match host.call("depth", &[k.into()]) {
+                        match host.call_json("depth", &[k.into()]) {
                             Ok(v) => assert_eq!(v, k),
                             Err(e) if e.to_string().contains("cycle") => {
                                 cycles.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -100,7 +100,7 @@ fn concurrent_memoized_recursion_has_no_false_cycles_and_honest_figures() {
     );
     assert_eq!(cycles, 0);
     // A real cycle is still reported.
-    let err = host.call("cycle", &[1.into()]).unwrap_err();
+    let err = host.call_json("cycle", &[1.into()]).unwrap_err();
     assert!(err.to_string().contains("cycle"), "{err}");
 }
 

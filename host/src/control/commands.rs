@@ -4,6 +4,7 @@
 use serde_json::json;
 
 use super::protocol::{ErrorCode, Request, Response};
+use crate::events::Event;
 use crate::generation::CallError;
 use crate::host::{Host, Reloaded};
 
@@ -35,7 +36,9 @@ fn call(host: &Host, function: &str, args: &[serde_json::Value]) -> Response {
                 CallError::NotLoaded => ErrorCode::NotLoaded,
                 CallError::UnknownFunction { .. } => ErrorCode::UnknownFunction,
                 CallError::Panicked(_) => ErrorCode::PluginPanic,
-                CallError::Failed(_) | CallError::BadResult(_) => ErrorCode::PluginError,
+                CallError::Failed(_) | CallError::BadResult(_) | CallError::BadArguments(_) => {
+                    ErrorCode::PluginError
+                }
             };
             let message = match &e {
                 CallError::Panicked(_) => format!("{function} {e}"),
@@ -64,31 +67,22 @@ fn unknown_cache(host: &Host, name: &str) -> Response {
     )
 }
 
-/// "1 entry", "2 entries".
-pub fn entries(n: u64) -> String {
-    if n == 1 {
-        "1 entry".to_owned()
-    } else {
-        format!("{n} entries")
-    }
-}
-
 fn reset(host: &Host, cache: Option<&str>, all: bool) -> Response {
     match (cache, all) {
         (None, true) => {
             let dropped = host.reset_all();
-            host.print(&format!(
-                "keepwarm: reset all caches ({} dropped)",
-                entries(dropped)
-            ));
+            host.emit(&Event::Reset {
+                cache: None,
+                dropped,
+            });
             Response::ok(json!({ "dropped": dropped }))
         }
         (Some(name), false) => match host.reset(name) {
             Some(dropped) => {
-                host.print(&format!(
-                    "keepwarm: reset cache {name} ({} dropped)",
-                    entries(dropped)
-                ));
+                host.emit(&Event::Reset {
+                    cache: Some(name.to_owned()),
+                    dropped,
+                });
                 Response::ok(json!({ "cache": name, "dropped": dropped }))
             }
             None => unknown_cache(host, name),

@@ -1,7 +1,6 @@
 //! Control of a running host from outside: the protocol, the socket server,
-//! the client the CLI uses, and one handler per command.
+//! and one handler per command. (The client lives in `keepwarm-cli`.)
 
-pub mod client;
 pub(crate) mod commands;
 pub mod protocol;
 pub mod server;

@@ -1,6 +1,6 @@
 //! The checked-in C header must match what cbindgen generates from
-//! `src/abi.rs`. Regenerate with `make header` (or `KEEPWARM_BLESS=1 cargo
-//! test -p keepwarm-api --test header`).
+//! `plugin-api/abi/src/lib.rs`. Regenerate with `make header` (or
+//! `KEEPWARM_BLESS=1 cargo test -p keepwarm-abi --test header`).
 
 use std::path::Path;
 
@@ -12,12 +12,12 @@ fn header_is_up_to_date() {
     let mut generated = Vec::new();
     cbindgen::Builder::new()
         .with_config(config)
-        .with_src(crate_dir.join("src/abi.rs"))
+        .with_src(crate_dir.join("src/lib.rs"))
         .generate()
         .expect("cbindgen generates the header")
         .write(&mut generated);
     let generated = String::from_utf8(generated).unwrap();
-    let path = crate_dir.join("include/keepwarm.h");
+    let path = crate_dir.join("../include/keepwarm.h");
     if std::env::var_os("KEEPWARM_BLESS").is_some() {
         std::fs::write(&path, &generated).unwrap();
         return;
@@ -25,6 +25,6 @@ fn header_is_up_to_date() {
     let checked_in = std::fs::read_to_string(&path).unwrap_or_default();
     assert!(
         checked_in == generated,
-        "plugin-api/include/keepwarm.h is out of date with src/abi.rs; run `make header` and commit it"
+        "plugin-api/include/keepwarm.h is out of date with plugin-api/abi/src/lib.rs; run `make header` and commit it"
     );
 }

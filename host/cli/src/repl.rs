@@ -201,13 +201,13 @@ pub fn run(host: Arc<Host>) -> anyhow::Result<()> {
     if let Ok(printer) = editor.create_external_printer() {
         let printer = Mutex::new(printer);
         let reading = Arc::clone(&reading);
-        host.set_printer(Arc::new(move |line: &str| {
+        crate::output::set_printer(Some(Arc::new(move |line: &str| {
             if reading.load(Ordering::SeqCst) {
                 let _ = printer.lock().print(format!("{line}\n"));
             } else {
                 crate::output::out(line);
             }
-        }));
+        })));
     }
     let history = history_path();
     if let Some(h) = &history {
@@ -242,7 +242,7 @@ pub fn run(host: Arc<Host>) -> anyhow::Result<()> {
             Err(e) => return Err(e.into()),
         }
     }
-    host.set_printer(Arc::new(crate::output::out));
+    crate::output::set_printer(None);
     if let Some(h) = &history {
         let _ = editor.save_history(h);
     }

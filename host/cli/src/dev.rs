@@ -184,16 +184,16 @@ pub fn watch_and_rebuild(
                 while rx.recv_timeout(DEBOUNCE).is_ok() {}
                 loop {
                     let started = Instant::now();
-                    host.print("keepwarm dev: sources changed, building…");
-                    let print = |line: &str| host.print(line);
+                    crate::output::say("keepwarm dev: sources changed, building…");
+                    let print = |line: &str| crate::output::say(line);
                     match build(&spec, &print) {
-                        Ok(_) => host.print(&format!(
+                        Ok(_) => crate::output::say(&format!(
                             "keepwarm dev: built in {:.1} s",
                             started.elapsed().as_secs_f64()
                         )),
                         Err(e) => {
                             let serving = host.current().map_or(0, |g| g.number);
-                            host.print(&format!(
+                            crate::output::say(&format!(
                                 "keepwarm dev: {e:#}; generation {serving} keeps serving"
                             ));
                         }

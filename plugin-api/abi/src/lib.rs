@@ -1,9 +1,11 @@
-//! The C ABI, version 1: every type and constant that crosses the boundary
-//! between the host and a plugin.
+//! `keepwarm-abi`: the C ABI of keepwarm, version 1 — every type and
+//! constant that crosses the boundary between the host and a plugin.
 //!
-//! This module is the one source of truth for the ABI. The host reads it as a
-//! Rust dependency and `include/keepwarm.h` is generated from it by cbindgen
-//! (a test fails when the checked-in header drifts). Only `#[repr(C)]` data,
+//! This crate is the one source of truth for the ABI and depends on nothing.
+//! The host runtime (`keepwarm`) and the plugin SDK (`keepwarm-api`, which
+//! re-exports it as `keepwarm_api::abi`) both read it, and
+//! `plugin-api/include/keepwarm.h` is generated from it by cbindgen (a test
+//! fails when the checked-in header drifts). Only `#[repr(C)]` data,
 //! function pointers and integers appear here: no Rust type crosses.
 //!
 //! Versioning: the plugin descriptor ([`KwPlugin`]) and the host table
@@ -20,8 +22,24 @@
 //! ([`KwPlugin`], [`KwFunction`], [`KwCacheDecl`]) is static data of the
 //! library, valid while it is loaded. Nothing is ever freed by the side that
 //! did not allocate it.
+//!
+//! ```
+//! use keepwarm_abi::{KwSlice, KW_ABI_VERSION, KW_ENTRY_SYMBOL};
+//! assert_eq!(KW_ABI_VERSION, 1);
+//! assert_eq!(KW_ENTRY_SYMBOL, "keepwarm_plugin");
+//! let name = KwSlice::from_str("square");
+//! // SAFETY: the slice views a live &'static str.
+//! assert_eq!(unsafe { name.as_bytes() }, Some(&b"square"[..]));
+//! ```
+#![no_std]
+#![deny(unsafe_op_in_unsafe_fn)]
+#![warn(missing_docs)]
 
 use core::ffi::c_void;
+
+/// The name of the symbol every plugin exports; it returns the plugin's
+/// [`KwPlugin`] descriptor.
+pub const KW_ENTRY_SYMBOL: &str = "keepwarm_plugin";
 
 /// The ABI version this crate speaks. A plugin built against another version
 /// is refused by the host with a message naming both versions.
@@ -121,7 +139,7 @@ impl KwSlice {
     /// A view of the UTF-8 bytes of `s`.
     ///
     /// ```
-    /// let name = keepwarm_api::abi::KwSlice::from_str("square");
+    /// let name = keepwarm_abi::KwSlice::from_str("square");
     /// // SAFETY: the slice views a live &'static str.
     /// assert_eq!(unsafe { name.as_bytes() }, Some(&b"square"[..]));
     /// ```
@@ -410,8 +428,43 @@ pub struct KwCacheDecl {
 // SAFETY: immutable static data, as for KwFunction.
 unsafe impl Sync for KwCacheDecl {}
 
+impl KwCacheDecl {
+    /// A declaration of the cache `name` with the host's default bounds and
+    /// no code hash, usable in `const` and `static` initializers.
+    ///
+    /// ```
+    /// const SQUARE: keepwarm_abi::KwCacheDecl =
+    ///     keepwarm_abi::KwCacheDecl::new("square").max_entries(10_000).max_bytes(1 << 20);
+    /// assert_eq!((SQUARE.max_entries, SQUARE.max_bytes, SQUARE.code_hash), (10_000, 1 << 20, 0));
+    /// ```
+    pub const fn new(name: &'static str) -> KwCacheDecl {
+        KwCacheDecl {
+            name: KwSlice::from_str(name),
+            max_entries: 0,
+            max_bytes: 0,
+            code_hash: 0,
+        }
+    }
+
+    /// Sets the entry bound.
+    pub const fn max_entries(mut self, n: u64) -> KwCacheDecl {
+        self.max_entries = n;
+        self
+    }
+    /// Sets the byte bound (keys plus values).
+    pub const fn max_bytes(mut self, n: u64) -> KwCacheDecl {
+        self.max_bytes = n;
+        self
+    }
+    /// Sets the code hash: a reload that declares another hash resets the cache.
+    pub const fn code_hash(mut self, hash: u64) -> KwCacheDecl {
+        self.code_hash = hash;
+        self
+    }
+}
+
 /// The plugin's descriptor, returned by its entry symbol
-/// (`keepwarm_plugin`, see [`KW_ENTRY_SYMBOL`](crate::KW_ENTRY_SYMBOL)).
+/// (`keepwarm_plugin`, see [`KW_ENTRY_SYMBOL`]).
 ///
 /// Ownership: the descriptor is static data of the library. The plugin owns
 /// it and everything it points to (name, functions, caches); it must stay

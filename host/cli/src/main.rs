@@ -1,11 +1,28 @@
-//! The `keepwarm` binary: argument parsing and wiring; the behaviour lives in
-//! the `keepwarm` library.
+//! `keepwarm-cli`: the `keepwarm` binary — argument parsing, the prompt,
+//! `keepwarm dev`, signal handling, and every word the user reads. The
+//! behaviour lives in the `keepwarm` runtime library, which prints nothing:
+//! this crate renders its events ([`render`]).
+//!
+//! ```text
+//! cargo install --path host/cli
+//! keepwarm run target/debug/libexample_plugin.so
+//! ```
 
-use keepwarm::cli::{Cli, Command, ControlCommand, DevArgs, RunArgs, EXIT_NO_HOST, EXIT_USAGE};
-use keepwarm::control::client::{self, ClientError};
-use keepwarm::dev::{self, BuildSpec};
-use keepwarm::serve::Serve;
-use keepwarm::Config;
+mod cli;
+mod client;
+mod dev;
+mod output;
+mod render;
+mod repl;
+mod serve;
+
+// The runtime's modules, reachable as `crate::…` from the modules above.
+use keepwarm::{cache, control, host, paths, threads, watcher, Config, Host};
+
+use crate::cli::{Cli, Command, ControlCommand, DevArgs, RunArgs, EXIT_NO_HOST, EXIT_USAGE};
+use crate::client::ClientError;
+use crate::dev::BuildSpec;
+use crate::serve::Serve;
 
 use clap::Parser;
 
@@ -23,7 +40,7 @@ fn exit_status(result: anyhow::Result<()>) -> i32 {
     match result {
         Ok(()) => 0,
         Err(e) => {
-            keepwarm::output::err(&format!("keepwarm: {e:#}"));
+            crate::output::err(&format!("keepwarm: {e:#}"));
             1
         }
     }
@@ -35,24 +52,24 @@ fn control(command: &ControlCommand, socket: Option<std::path::PathBuf>, timeout
     } else if timeout.is_finite() && timeout > 0.0 {
         Some(std::time::Duration::from_secs_f64(timeout))
     } else {
-        keepwarm::output::err(&format!(
+        crate::output::err(&format!(
             "keepwarm: --timeout {timeout}: expected a number of seconds, 0 for no limit"
         ));
         return EXIT_USAGE;
     };
 
-    let socket = match socket.map_or_else(client::discover, Ok) {
+    let socket = match socket.map_or_else(crate::client::discover, Ok) {
         Ok(s) => s,
         Err(e) => return client_error(&e),
     };
-    match client::request_within(&socket, &command.to_request(), timeout) {
+    match crate::client::request_within(&socket, &command.to_request(), timeout) {
         Ok(response) => {
             let rendered = command.render(&response);
             if !rendered.stdout.is_empty() {
-                keepwarm::output::out(&rendered.stdout);
+                crate::output::out(&rendered.stdout);
             }
             if !rendered.stderr.is_empty() {
-                keepwarm::output::err(&rendered.stderr);
+                crate::output::err(&rendered.stderr);
             }
             rendered.status
         }
@@ -61,7 +78,7 @@ fn control(command: &ControlCommand, socket: Option<std::path::PathBuf>, timeout
 }
 
 fn client_error(e: &ClientError) -> i32 {
-    keepwarm::output::err(&format!("keepwarm: {e}"));
+    crate::output::err(&format!("keepwarm: {e}"));
     match e {
         ClientError::Ambiguous(_) => EXIT_USAGE,
         ClientError::NoHost(_) | ClientError::Protocol(_) => EXIT_NO_HOST,
@@ -72,6 +89,7 @@ fn run(args: RunArgs, socket: Option<std::path::PathBuf>) -> anyhow::Result<()> 
     let mut config = Config::new(&args.library);
     config.cache_bounds = args.caches.into_iter().collect();
     config.then = args.then;
+    config.events = Some(crate::output::event_sink());
     Serve {
         config,
         socket,
@@ -86,18 +104,19 @@ fn dev(args: DevArgs, socket: Option<std::path::PathBuf>) -> anyhow::Result<()> 
         release: args.release,
         dir: std::env::current_dir()?,
     };
-    keepwarm::output::out("keepwarm dev: building…");
-    let built = dev::build(&spec, &|line| keepwarm::output::err(line))?;
+    crate::output::out("keepwarm dev: building…");
+    let built = crate::dev::build(&spec, &|line| crate::output::err(line))?;
     let mut config = Config::new(&built.library);
     config.cache_bounds = args.caches.into_iter().collect();
+    config.events = Some(crate::output::event_sink());
     Serve {
         config,
         socket,
         no_repl: args.no_repl,
     }
     .run(|host| {
-        let watcher = dev::watch_and_rebuild(spec, &built, std::sync::Arc::clone(host))?;
-        host.print(&format!(
+        let watcher = crate::dev::watch_and_rebuild(spec, &built, std::sync::Arc::clone(host))?;
+        crate::output::say(&format!(
             "keepwarm dev: watching {} for changes",
             built.package_dir.display()
         ));

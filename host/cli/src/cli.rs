@@ -6,9 +6,9 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 use crate::cache::{Bounds, CacheStats};
-use crate::control::commands::entries;
 use crate::control::protocol::{ErrorCode, Request, Response};
 use crate::host::Status;
+use crate::render::entries;
 
 /// Exit status: success.
 pub const EXIT_OK: i32 = 0;

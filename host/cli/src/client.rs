@@ -5,7 +5,7 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::protocol::{Request, Response};
+use crate::control::protocol::{Request, Response};
 
 /// Why the client could not get an answer.
 #[derive(Debug)]
@@ -54,16 +54,6 @@ pub fn discover() -> Result<PathBuf, ClientError> {
             live.iter().map(|p| format!("  {}", p.display())).collect::<Vec<_>>().join("\n")
         ))),
     }
-}
-
-/// How long the CLI waits for an answer unless told otherwise
-/// (`--timeout SECS`, `KEEPWARM_TIMEOUT`).
-pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// Sends one request to the host at `socket` and reads its response,
-/// waiting at most [`DEFAULT_TIMEOUT`].
-pub fn request(socket: &Path, request: &Request) -> Result<Response, ClientError> {
-    request_within(socket, request, Some(DEFAULT_TIMEOUT))
 }
 
 /// Sends one request and reads its response, waiting at most `timeout`

@@ -104,7 +104,7 @@ impl Serve {
         // Bind before loading: a second host on the same socket stops here.
         let server = Server::bind(&socket)?;
         let host = Host::new(self.config)?;
-        host.print(&format!(
+        crate::output::say(&format!(
             "keepwarm: serving {} · control socket {}",
             host.library().display(),
             server.path().display()
@@ -129,7 +129,7 @@ impl Serve {
             })
             .context("spawning the prompt")?;
         } else if wants_prompt {
-            host.print(
+            crate::output::say(
                 "keepwarm: running in the background, so no prompt (as with --no-repl); use `keepwarm call …` from any terminal; stop it with `kill %1`",
             );
         }
@@ -140,14 +140,14 @@ impl Serve {
         drop(watch);
         drop(guard);
         if !host.shutdown(SHUTDOWN_GRACE) {
-            host.print(&format!(
+            crate::output::say(&format!(
                 "keepwarm: calls still running after {} s; leaving anyway",
                 SHUTDOWN_GRACE.as_secs()
             ));
         }
         signal_handle.close();
         if let Exit::Signal(_) = reason {
-            host.print("keepwarm: stopped by a signal; shut down cleanly");
+            crate::output::say("keepwarm: stopped by a signal; shut down cleanly");
         }
         Ok(())
     }
