@@ -15,7 +15,6 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use lru::LruCache;
 use parking_lot::{Condvar, Mutex};
-use serde::Serialize;
 
 /// Entry bound of a cache that nobody declared or configured.
 pub const DEFAULT_MAX_ENTRIES: usize = 100_000;
@@ -72,7 +71,7 @@ impl std::str::FromStr for Bounds {
 }
 
 /// The figures of one cache, as `keepwarm stats --json` prints them.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CacheStats {
     /// The cache's name.
     pub name: String,
@@ -97,18 +96,76 @@ pub struct CacheStats {
     /// Values refused because the code that computed them is no longer
     /// the code the cache belongs to (an old generation's call finishing
     /// after a reload changed the cache's identity).
-    #[serde(default)]
     pub stale_puts: u64,
     /// Lookups that found their key with a value of another shape (the
     /// value's type changed between builds): counted as misses too, and
     /// computed again, never served.
-    #[serde(default)]
     pub shape_mismatch: u64,
     /// Lookups that found their key older than the handle's time to live:
     /// counted as misses too; the entry is dropped.
-    #[serde(default)]
     pub expired: u64,
 }
+
+impl CacheStats {
+    /// The figures as the JSON object `keepwarm stats --json` prints.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "name": self.name,
+            "entries": self.entries,
+            "bytes": self.bytes,
+            "capacity": self.capacity,
+            "max_bytes": self.max_bytes,
+            "hits": self.hits,
+            "misses": self.misses,
+            "inserts": self.inserts,
+            "evictions": self.evictions,
+            "resets": self.resets,
+            "stale_puts": self.stale_puts,
+            "shape_mismatch": self.shape_mismatch,
+            "expired": self.expired,
+        })
+    }
+
+    /// The figures from that JSON object (the newer figures default to 0).
+    pub fn from_json(value: &serde_json::Value) -> Result<CacheStats, String> {
+        let o = crate::json::Object::new(
+            value,
+            "cache figures",
+            &[
+                "name",
+                "entries",
+                "bytes",
+                "capacity",
+                "max_bytes",
+                "hits",
+                "misses",
+                "inserts",
+                "evictions",
+                "resets",
+                "stale_puts",
+                "shape_mismatch",
+                "expired",
+            ],
+        )?;
+        Ok(CacheStats {
+            name: o.str("name")?,
+            entries: o.u64("entries")?,
+            bytes: o.u64("bytes")?,
+            capacity: o.u64("capacity")?,
+            max_bytes: o.opt_u64("max_bytes")?,
+            hits: o.u64("hits")?,
+            misses: o.u64("misses")?,
+            inserts: o.u64("inserts")?,
+            evictions: o.u64("evictions")?,
+            resets: o.u64("resets")?,
+            stale_puts: o.u64_or_0("stale_puts")?,
+            shape_mismatch: o.u64_or_0("shape_mismatch")?,
+            expired: o.u64_or_0("expired")?,
+        })
+    }
+}
+
+crate::json::via_json!(CacheStats);
 
 /// What a lookup through a handle requires of an entry, from the options
 /// the handle was opened with (`cache_open_with`).

@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use parking_lot::{Mutex, RwLock};
-use serde::{Deserialize, Serialize};
 
 use crate::cache::{Bounds, CacheStats, Store};
 use crate::events::{CacheCount, Event, EventSink};
@@ -59,7 +58,7 @@ impl Config {
 }
 
 /// What `status` reports.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Status {
     /// The watched library path.
     pub library: String,
@@ -74,7 +73,6 @@ pub struct Status {
     /// Why the last load failed, if the last attempt failed.
     pub last_error: Option<String>,
     /// Set while the library path is missing: "waiting for LIB to reappear …".
-    #[serde(default)]
     pub waiting: Option<String>,
     /// How many loads failed since the host started.
     pub failed_reloads: u64,
@@ -85,6 +83,70 @@ pub struct Status {
     /// The host's process id.
     pub pid: u32,
 }
+
+impl Drop for Host {
+    /// Unloads the live generation and removes the host's files, as
+    /// [`Host::shutdown`] does (without waiting: nothing can be calling
+    /// through a host that is being dropped).
+    fn drop(&mut self) {
+        self.shutdown(Duration::ZERO);
+    }
+}
+
+impl Status {
+    /// The status as the JSON object `keepwarm status --json` prints.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "library": self.library,
+            "plugin": self.plugin,
+            "generation": self.generation,
+            "functions": self.functions,
+            "caches": self.caches,
+            "last_error": self.last_error,
+            "waiting": self.waiting,
+            "failed_reloads": self.failed_reloads,
+            "load_ms": self.load_ms,
+            "loaded_at": self.loaded_at,
+            "pid": self.pid,
+        })
+    }
+
+    /// The status from that JSON object.
+    pub fn from_json(value: &serde_json::Value) -> Result<Status, String> {
+        let o = crate::json::Object::new(
+            value,
+            "a status",
+            &[
+                "library",
+                "plugin",
+                "generation",
+                "functions",
+                "caches",
+                "last_error",
+                "waiting",
+                "failed_reloads",
+                "load_ms",
+                "loaded_at",
+                "pid",
+            ],
+        )?;
+        Ok(Status {
+            library: o.str("library")?,
+            plugin: o.opt_str("plugin")?,
+            generation: o.u64("generation")?,
+            functions: o.strings("functions")?,
+            caches: o.strings("caches")?,
+            last_error: o.opt_str("last_error")?,
+            waiting: o.opt_str("waiting")?,
+            failed_reloads: o.u64("failed_reloads")?,
+            load_ms: o.opt_f64("load_ms")?,
+            loaded_at: o.opt_f64("loaded_at")?,
+            pid: u32::try_from(o.u64("pid")?).map_err(|e| format!("pid: {e}"))?,
+        })
+    }
+}
+
+crate::json::via_json!(Status);
 
 /// What a reload attempt did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -133,8 +195,10 @@ pub struct Host {
 
 impl Host {
     /// A host for `config`, with nothing loaded yet (call [`Host::reload`]).
-    pub fn new(config: Config) -> anyhow::Result<Arc<Host>> {
-        let library = std::path::absolute(&config.library)?;
+    pub fn new(config: Config) -> crate::error::Result<Arc<Host>> {
+        use crate::error::Context;
+        let library = std::path::absolute(&config.library)
+            .context(|| format!("resolving {}", config.library.display()))?;
         // A private directory (mode 0700, removed on shutdown) for shadow
         // copies; those of hosts that died are swept first.
         let runtime = crate::paths::runtime_dir()?;

@@ -59,15 +59,18 @@
 mod boundary;
 pub mod cache;
 pub mod control;
+pub mod error;
 pub mod events;
 pub mod generation;
 pub mod host;
 pub mod host_api;
+mod json;
 pub mod loader;
 pub mod paths;
 pub mod threads;
 pub mod watcher;
 
+pub use error::Error;
 pub use events::{Event, EventSink};
 pub use generation::CallError;
 pub use host::{Config, Host, Reloaded, Status};

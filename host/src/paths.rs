@@ -9,7 +9,7 @@
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context};
+use crate::error::{Context, Error, Result};
 
 /// The current user's id.
 pub fn uid() -> u32 {
@@ -18,7 +18,7 @@ pub fn uid() -> u32 {
 }
 
 /// The runtime directory, created (mode 0700) if needed.
-pub fn runtime_dir() -> anyhow::Result<PathBuf> {
+pub fn runtime_dir() -> Result<PathBuf> {
     let dir = match std::env::var_os("XDG_RUNTIME_DIR") {
         Some(d) if !d.is_empty() => PathBuf::from(d).join("keepwarm"),
         _ => std::env::temp_dir().join(format!("keepwarm-{}", uid())),
@@ -29,31 +29,34 @@ pub fn runtime_dir() -> anyhow::Result<PathBuf> {
 
 /// Creates `dir` with mode 0700 if missing, and checks that it is a directory
 /// owned by this user that nobody else can enter.
-pub fn ensure_private_dir(dir: &Path) -> anyhow::Result<()> {
+pub fn ensure_private_dir(dir: &Path) -> Result<()> {
     match std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(dir)
     {
         Ok(()) => {}
-        Err(e) => return Err(e).with_context(|| format!("creating {}", dir.display())),
+        Err(e) => return Err(e).context(|| format!("creating {}", dir.display())),
     }
     let meta =
-        std::fs::symlink_metadata(dir).with_context(|| format!("inspecting {}", dir.display()))?;
+        std::fs::symlink_metadata(dir).context(|| format!("inspecting {}", dir.display()))?;
     if !meta.is_dir() {
-        bail!("{} is not a directory; remove it and retry", dir.display());
+        return Err(Error::new(format!(
+            "{} is not a directory; remove it and retry",
+            dir.display()
+        )));
     }
     if meta.uid() != uid() {
-        bail!(
+        return Err(Error::new(format!(
             "{} belongs to uid {}, not to you (uid {}); set XDG_RUNTIME_DIR to a directory of yours",
             dir.display(),
             meta.uid(),
             uid()
-        );
+        )));
     }
     if meta.mode() & 0o077 != 0 {
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-            .with_context(|| format!("making {} private (chmod 700)", dir.display()))?;
+            .context(|| format!("making {} private (chmod 700)", dir.display()))?;
     }
     Ok(())
 }
@@ -75,16 +78,16 @@ pub struct ShadowDir {
 
 impl ShadowDir {
     /// Creates a new shadow directory in `runtime` and locks it.
-    pub fn create_in(runtime: &Path) -> anyhow::Result<ShadowDir> {
+    pub fn create_in(runtime: &Path) -> Result<ShadowDir> {
         let dir = tempfile::Builder::new()
             .prefix(&format!("{SHADOW_PREFIX}{}-", std::process::id()))
             .tempdir_in(runtime)
-            .with_context(|| format!("creating a shadow directory in {}", runtime.display()))?
+            .context(|| format!("creating a shadow directory in {}", runtime.display()))?
             .keep();
         let lock = std::fs::File::create(dir.join("lock"))
-            .with_context(|| format!("creating {}/lock", dir.display()))?;
+            .context(|| format!("creating {}/lock", dir.display()))?;
         if !try_lock(&lock) {
-            bail!("cannot lock {}/lock", dir.display());
+            return Err(Error::new(format!("cannot lock {}/lock", dir.display())));
         }
         Ok(ShadowDir {
             path: dir,
@@ -146,8 +149,9 @@ pub fn sweep_dead_shadow_dirs(runtime: &Path) -> usize {
 /// The default control socket of a host serving `library`:
 /// `RUNTIME_DIR/<file stem>-<8 hex digits of the absolute path's crc32>.sock`,
 /// so two hosts on two libraries never share one.
-pub fn default_socket(library: &Path) -> anyhow::Result<PathBuf> {
-    let absolute = std::path::absolute(library)?;
+pub fn default_socket(library: &Path) -> Result<PathBuf> {
+    let absolute =
+        std::path::absolute(library).context(|| format!("resolving {}", library.display()))?;
     let stem = absolute
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())

@@ -1,7 +1,9 @@
 //! The control protocol: one JSON request per line, one JSON response per
 //! line. Documented for other clients in `docs/PROTOCOL.md`.
 
-use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::json::{via_json, Object};
 
 /// The protocol version; requests may carry `"v": 1`.
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -10,56 +12,125 @@ pub const PROTOCOL_VERSION: u32 = 1;
 pub const MAX_REQUEST_BYTES: usize = 1 << 20;
 
 /// A request.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Request {
     /// Call an exported function.
     Call {
         /// Protocol version, if the client sends one.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
         v: Option<u32>,
         /// The function's name.
         function: String,
         /// Its arguments.
-        #[serde(default)]
         args: Vec<serde_json::Value>,
     },
     /// Drop the entries of one cache, or of all.
     Reset {
         /// Protocol version.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
         v: Option<u32>,
         /// The cache; absent with `all`.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
         cache: Option<String>,
         /// Reset every cache.
-        #[serde(default)]
         all: bool,
     },
     /// Per-cache figures.
     Stats {
         /// Protocol version.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
         v: Option<u32>,
         /// One cache, or all when absent.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
         cache: Option<String>,
     },
     /// What is loaded.
     Status {
         /// Protocol version.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
         v: Option<u32>,
     },
     /// Reload the library now.
     Reload {
         /// Protocol version.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
         v: Option<u32>,
     },
 }
 
+/// The commands, as `cmd` names them.
+const COMMANDS: [&str; 5] = ["call", "reset", "stats", "status", "reload"];
+
 impl Request {
+    /// The request as its JSON object.
+    pub fn to_json(&self) -> Value {
+        let (cmd, v, mut body) = match self {
+            Request::Call { v, function, args } => {
+                ("call", v, json!({ "function": function, "args": args }))
+            }
+            Request::Reset { v, cache, all } => {
+                let mut body = json!({ "all": all });
+                if let Some(cache) = cache {
+                    body["cache"] = json!(cache);
+                }
+                ("reset", v, body)
+            }
+            Request::Stats { v, cache } => {
+                let mut body = json!({});
+                if let Some(cache) = cache {
+                    body["cache"] = json!(cache);
+                }
+                ("stats", v, body)
+            }
+            Request::Status { v } => ("status", v, json!({})),
+            Request::Reload { v } => ("reload", v, json!({})),
+        };
+        body["cmd"] = json!(cmd);
+        if let Some(v) = v {
+            body["v"] = json!(v);
+        }
+        body
+    }
+
+    /// The request from its JSON object; a message like serde's on failure.
+    pub fn from_json(value: &Value) -> Result<Request, String> {
+        let cmd = match value.get("cmd") {
+            Some(Value::String(c)) => c.as_str(),
+            Some(_) => return Err("invalid type for `cmd`: expected a string".into()),
+            None if value.is_object() => return Err("missing field `cmd`".into()),
+            None => return Err("invalid type: expected a JSON object".into()),
+        };
+        let fields: &[&str] = match cmd {
+            "call" => &["cmd", "v", "function", "args"],
+            "reset" => &["cmd", "v", "cache", "all"],
+            "stats" => &["cmd", "v", "cache"],
+            "status" | "reload" => &["cmd", "v"],
+            other => {
+                let known: Vec<String> = COMMANDS.iter().map(|c| format!("`{c}`")).collect();
+                return Err(format!(
+                    "unknown variant `{other}`, expected one of {}",
+                    known.join(", ")
+                ));
+            }
+        };
+        let o = Object::new(value, "a request", fields)?;
+        let v = match o.opt_u64("v")? {
+            None => None,
+            Some(v) => Some(u32::try_from(v).map_err(|_| format!("version {v} is out of range"))?),
+        };
+        Ok(match cmd {
+            "call" => Request::Call {
+                v,
+                function: o.str("function")?,
+                args: o.array_or_empty("args")?,
+            },
+            "reset" => Request::Reset {
+                v,
+                cache: o.opt_str("cache")?,
+                all: o.bool_or_false("all")?,
+            },
+            "stats" => Request::Stats {
+                v,
+                cache: o.opt_str("cache")?,
+            },
+            "status" => Request::Status { v },
+            _ => Request::Reload { v },
+        })
+    }
+
     /// The version the request claims, if any.
     pub fn version(&self) -> Option<u32> {
         match self {
@@ -73,8 +144,7 @@ impl Request {
 }
 
 /// Machine-readable error codes. The CLI maps them to exit statuses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorCode {
     /// The request line is not a valid request (JSON, UTF-8, fields, size).
     BadRequest,
@@ -96,8 +166,51 @@ pub enum ErrorCode {
     Busy,
 }
 
+const ERROR_CODES: [(ErrorCode, &str); 9] = [
+    (ErrorCode::BadRequest, "bad_request"),
+    (ErrorCode::UnsupportedVersion, "unsupported_version"),
+    (ErrorCode::UnknownFunction, "unknown_function"),
+    (ErrorCode::UnknownCache, "unknown_cache"),
+    (ErrorCode::PluginError, "plugin_error"),
+    (ErrorCode::PluginPanic, "plugin_panic"),
+    (ErrorCode::NotLoaded, "not_loaded"),
+    (ErrorCode::ReloadFailed, "reload_failed"),
+    (ErrorCode::Busy, "busy"),
+];
+
+impl ErrorCode {
+    /// The code's name on the wire (`bad_request`, …).
+    pub fn as_str(self) -> &'static str {
+        ERROR_CODES
+            .iter()
+            .find(|(c, _)| *c == self)
+            .map_or("bad_request", |(_, n)| n)
+    }
+
+    /// The code named `name` on the wire.
+    pub fn from_name(name: &str) -> Option<ErrorCode> {
+        ERROR_CODES
+            .iter()
+            .find(|(_, n)| *n == name)
+            .map(|(c, _)| *c)
+    }
+
+    fn to_json(self) -> Value {
+        json!(self.as_str())
+    }
+
+    fn from_json(value: &Value) -> Result<ErrorCode, String> {
+        value
+            .as_str()
+            .and_then(ErrorCode::from_name)
+            .ok_or_else(|| format!("unknown error code {value}"))
+    }
+}
+
+via_json!(ErrorCode);
+
 /// An error response's body.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ErrorBody {
     /// What kind of failure.
     pub code: ErrorCode,
@@ -105,27 +218,80 @@ pub struct ErrorBody {
     pub message: String,
 }
 
+impl ErrorBody {
+    fn to_json(&self) -> Value {
+        json!({ "code": self.code.as_str(), "message": self.message })
+    }
+
+    fn from_json(value: &Value) -> Result<ErrorBody, String> {
+        let o = Object::new(value, "an error", &["code", "message"])?;
+        Ok(ErrorBody {
+            code: ErrorCode::from_json(&o.value("code").unwrap_or(Value::Null))?,
+            message: o.str("message")?,
+        })
+    }
+}
+
+via_json!(ErrorBody);
+
 /// A response: `{"v":1,"ok":true,"result":...}` or
 /// `{"v":1,"ok":false,"error":{"code":...,"message":...}}`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Response {
     /// Protocol version.
     pub v: u32,
     /// Whether the request succeeded.
     pub ok: bool,
     /// The result, on success.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub result: Option<serde_json::Value>,
     /// The error, on failure.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<ErrorBody>,
     /// Something the user should know about a success (a `call` answered
     /// by the previous generation because the new build was refused).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub warning: Option<String>,
 }
 
 impl Response {
+    /// The response as its JSON object (absent fields are left out).
+    pub fn to_json(&self) -> Value {
+        let mut out = json!({ "v": self.v, "ok": self.ok });
+        if let Some(result) = &self.result {
+            out["result"] = result.clone();
+        }
+        if let Some(error) = &self.error {
+            out["error"] = error.to_json();
+        }
+        if let Some(warning) = &self.warning {
+            out["warning"] = json!(warning);
+        }
+        out
+    }
+
+    /// The response from its JSON object.
+    pub fn from_json(value: &Value) -> Result<Response, String> {
+        let o = Object::new(
+            value,
+            "a response",
+            &["v", "ok", "result", "error", "warning"],
+        )?;
+        let v = o.u64("v")?;
+        let ok = match o.value("ok") {
+            Some(Value::Bool(b)) => b,
+            _ => return Err("missing or invalid field `ok`".into()),
+        };
+        let error = match o.value("error") {
+            None | Some(Value::Null) => None,
+            Some(e) => Some(ErrorBody::from_json(&e)?),
+        };
+        Ok(Response {
+            v: u32::try_from(v).map_err(|_| format!("version {v} is out of range"))?,
+            ok,
+            result: o.value("result"),
+            error,
+            warning: o.opt_str("warning")?,
+        })
+    }
+
     /// A success.
     pub fn ok(result: serde_json::Value) -> Response {
         Response {
@@ -163,7 +329,7 @@ pub fn parse_request(line: &[u8]) -> Result<Request, Response> {
             ),
         )
     })?;
-    let request: Request = serde_json::from_str(text).map_err(|e| {
+    let request = serde_json::from_str::<Value>(text).map_err(|e| e.to_string()).and_then(|v| Request::from_json(&v)).map_err(|e| {
         Response::err(
             ErrorCode::BadRequest,
             format!(
@@ -179,6 +345,9 @@ pub fn parse_request(line: &[u8]) -> Result<Request, Response> {
         _ => Ok(request),
     }
 }
+
+via_json!(Request);
+via_json!(Response);
 
 #[cfg(test)]
 mod tests {

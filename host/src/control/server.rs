@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{bail, Context};
+use crate::error::{Context, Error, Result};
 
 use super::protocol::{parse_request, ErrorCode, Response, MAX_REQUEST_BYTES};
 use crate::host::Host;
@@ -77,7 +77,7 @@ impl Server {
     /// is not a socket (it is never removed). The directory is created
     /// (mode 0700) when missing; the mode of an existing directory is never
     /// changed, except the host's own runtime directory, which must be private.
-    pub fn bind(path: &Path) -> anyhow::Result<Server> {
+    pub fn bind(path: &Path) -> Result<Server> {
         use std::os::unix::fs::{DirBuilderExt, FileTypeExt};
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             let runtime = crate::paths::runtime_dir()?;
@@ -88,22 +88,27 @@ impl Server {
                     .recursive(true)
                     .mode(0o700)
                     .create(dir)
-                    .with_context(|| format!("creating {}", dir.display()))?;
+                    .context(|| format!("creating {}", dir.display()))?;
             }
         }
         match std::fs::symlink_metadata(path) {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => bail!("cannot inspect {}: {e}", path.display()),
+            Err(e) => {
+                return Err(Error::new(format!(
+                    "cannot inspect {}: {e}",
+                    path.display()
+                )))
+            }
             Ok(meta) if meta.file_type().is_socket() => {
                 if UnixStream::connect(path).is_ok() {
-                    bail!(
+                    return Err(Error::new(format!(
                         "another keepwarm host is already serving {}; stop it, or start this one with --socket PATH",
                         path.display()
-                    );
+                    )));
                 }
                 // Nobody answers: a stale socket of a host that died.
                 std::fs::remove_file(path)
-                    .with_context(|| format!("removing stale socket {}", path.display()))?;
+                    .context(|| format!("removing stale socket {}", path.display()))?;
             }
             Ok(meta) => {
                 let what = if meta.is_dir() {
@@ -115,16 +120,16 @@ impl Server {
                 } else {
                     "not a socket"
                 };
-                bail!(
+                return Err(Error::new(format!(
                     "{} exists and is {what}, not a socket; keepwarm will not replace it — choose another --socket PATH (or remove it yourself)",
                     path.display()
-                );
+                )));
             }
         }
         let listener =
-            UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+            UnixListener::bind(path).context(|| format!("binding {}", path.display()))?;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-            .with_context(|| format!("chmod 600 {}", path.display()))?;
+            .context(|| format!("chmod 600 {}", path.display()))?;
         Ok(Server {
             path: path.to_owned(),
             listener,
@@ -138,18 +143,25 @@ impl Server {
 
     /// Serves connections on a background thread until the returned guard
     /// is dropped.
-    pub fn spawn(self, host: Arc<Host>) -> anyhow::Result<ServerGuard> {
-        let listener = self.listener.try_clone()?;
-        listener.set_nonblocking(false)?;
+    pub fn spawn(self, host: Arc<Host>) -> Result<ServerGuard> {
+        let listener = self
+            .listener
+            .try_clone()
+            .context(|| "duplicating the control socket".into())?;
+        listener
+            .set_nonblocking(false)
+            .context(|| "configuring the control socket".into())?;
         let stopping = Arc::new(AtomicBool::new(false));
         let cap = connection_cap(raise_fd_limit());
         let stop = Arc::clone(&stopping);
-        crate::threads::spawn("keepwarm-control", None, move || {
+        let thread = crate::threads::spawn("keepwarm-control", None, move || {
             accept_loop(&listener, &host, &stop, cap)
-        })?;
+        })
+        .context(|| "starting the control thread".into())?;
         Ok(ServerGuard {
             path: self.path.clone(),
             stopping,
+            thread: Some(thread),
             _server: self,
         })
     }
@@ -233,11 +245,13 @@ fn spawn_connection(host: Arc<Host>, connection: Connection) {
     });
 }
 
-/// Serves until dropped; then accepts no more connections and removes the
-/// socket file.
+/// Serves until dropped; then accepts no more connections, removes the
+/// socket file and waits for the accepting thread to end (connections
+/// already open end when their clients close them or go silent).
 pub struct ServerGuard {
     path: PathBuf,
     stopping: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
     _server: Server,
 }
 
@@ -254,6 +268,9 @@ impl Drop for ServerGuard {
                 libc::SHUT_RDWR,
             )
         };
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
     }
 }
 
