@@ -511,3 +511,24 @@ pub fn replace_atomically(from: &Path, to: &Path) {
     std::fs::copy(from, &tmp).unwrap();
     std::fs::rename(&tmp, to).unwrap();
 }
+
+/// Waits until `f` holds, for up to a minute.
+pub fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + WAIT;
+    while !f() {
+        assert!(Instant::now() < deadline, "never happened: {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// The shadow directories in a runtime directory (`RUNTIME/keepwarm/shadow-*`).
+pub fn shadow_dirs(xdg: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(xdg.join("keepwarm")) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("shadow-"))
+        .map(|e| e.path())
+        .collect()
+}

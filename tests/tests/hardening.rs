@@ -7,9 +7,11 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use keepwarm_tests::{built_library, keepwarm_bin, replace_atomically, HostProcess};
+use keepwarm_tests::{
+    built_library, eventually, keepwarm_bin, replace_atomically, shadow_dirs, HostProcess,
+};
 use serde_json::json;
 
 /// A copy of `package`'s library at `dir/name`.
@@ -34,27 +36,6 @@ fn misbehaves_variant(dir: &Path, marker: &str) -> PathBuf {
     let path = dir.join(format!("variant-{marker}.so"));
     std::fs::write(&path, bytes).unwrap();
     path
-}
-
-/// Waits until `f` holds, for up to a minute.
-fn eventually(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + keepwarm_tests::WAIT;
-    while !f() {
-        assert!(Instant::now() < deadline, "never happened: {what}");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-/// The shadow directories in a runtime directory (`RUNTIME/keepwarm/shadow-*`).
-fn shadow_dirs(xdg: &Path) -> Vec<PathBuf> {
-    let Ok(entries) = std::fs::read_dir(xdg.join("keepwarm")) else {
-        return Vec::new();
-    };
-    entries
-        .flatten()
-        .filter(|e| e.file_name().to_string_lossy().starts_with("shadow-"))
-        .map(|e| e.path())
-        .collect()
 }
 
 /// The host's resident memory and the mappings of its shadow libraries.
