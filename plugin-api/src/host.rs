@@ -19,7 +19,7 @@ use crate::Error;
 static HOST: AtomicPtr<KwHostApi> = AtomicPtr::new(core::ptr::null_mut());
 
 /// Records the host table. Called by the `on_load` shell that
-/// [`plugin!`](crate::plugin) generates.
+/// [`plugin!`](crate::plugin!) generates.
 ///
 /// # Safety
 /// `host` must be NULL or point to a table that stays valid while this library
@@ -147,6 +147,19 @@ fn has(host: &KwHostApi, offset: usize) -> bool {
     host.size as usize >= offset + core::mem::size_of::<usize>()
 }
 
+/// `#[memo]`'s cache: its values carry the tag `shape` computes (on first
+/// use), which the host checks on every lookup; entries older than `ttl_ms`
+/// (when not 0) are misses.
+pub const fn memo_cache(name: &'static str, shape: fn() -> u64, ttl_ms: u64) -> HostCache {
+    HostCache {
+        name,
+        handle: AtomicPtr::new(core::ptr::null_mut()),
+        shape: Some(shape),
+        tag: AtomicU64::new(0),
+        ttl_ms,
+    }
+}
+
 /// A host cache reached through a handle resolved once per generation: the
 /// fast way to use a cache from a `static`.
 ///
@@ -187,20 +200,6 @@ impl HostCache {
             shape: None,
             tag: AtomicU64::new(0),
             ttl_ms: 0,
-        }
-    }
-
-    /// `#[memo]`'s cache: its values carry the tag `shape` computes (on
-    /// first use), which the host checks on every lookup; entries older than
-    /// `ttl_ms` (when not 0) are misses.
-    #[doc(hidden)]
-    pub const fn memo(name: &'static str, shape: fn() -> u64, ttl_ms: u64) -> HostCache {
-        HostCache {
-            name,
-            handle: AtomicPtr::new(core::ptr::null_mut()),
-            shape: Some(shape),
-            tag: AtomicU64::new(0),
-            ttl_ms,
         }
     }
 
@@ -298,26 +297,6 @@ impl HostCache {
             return host_cache_put(self.name, key, value);
         };
         put_handle(host, handle, self.name, key, value)
-    }
-
-    /// [`cached`](crate::cached) on this cache: memoizes `compute` under
-    /// `key` (postcard-encoded), with the host's single flight, through the
-    /// handle. What `#[memo]` expands to.
-    ///
-    /// ```
-    /// use keepwarm_api::HostCache;
-    /// static SQUARES: HostCache = HostCache::new("square");
-    ///
-    /// let x = 12u64;
-    /// assert_eq!(SQUARES.cached(&x, || x * x), 144); // computed: no host here
-    /// ```
-    pub fn cached<K, V, F>(&'static self, key: &K, compute: F) -> V
-    where
-        K: serde::Serialize + ?Sized,
-        V: serde::Serialize + serde::de::DeserializeOwned,
-        F: FnOnce() -> V,
-    {
-        crate::cached(self.name, key, compute)
     }
 
     /// Drops every entry of the cache.
@@ -455,7 +434,7 @@ impl Target<'_> {
         }
     }
 
-    /// The shape tag of the values (see [`crate::plugin`]'s encoding).
+    /// The shape tag of the values (the first 8 bytes of each).
     pub fn tag(&self) -> u64 {
         match self {
             Target::Name(_, tag) => *tag,

@@ -60,10 +60,8 @@ pub use keepwarm_abi as abi;
 mod error;
 mod host;
 mod panic_hook;
-#[doc(hidden)]
-pub mod plugin;
-#[doc(hidden)]
-pub mod shape;
+mod plugin;
+mod shape;
 
 pub use error::Error;
 pub use host::{
@@ -147,12 +145,17 @@ pub use keepwarm_macros::export;
 
 #[doc(hidden)]
 pub mod __private {
-    pub use crate::host::{install, installed, Target};
+    //! What the `#[memo]`, `#[export]` and `plugin!` expansions call: not
+    //! an API (its items may change in any release).
+    pub use crate::host::{install, installed, memo_cache, Target};
     pub use crate::plugin::{
         assert_key, assert_value, cached_key, cached_key_if, call_json, encode_key, on_load,
         on_unload,
     };
-    pub use crate::shape;
+    /// Shape fingerprints of keys and values.
+    pub mod shape {
+        pub use crate::shape::{by_name, of, of_expression, tag, traced, Probe, ViaName, ViaTrace};
+    }
     pub use linkme;
 
     /// The functions `#[export]` registers, one link section per library.

@@ -1,5 +1,6 @@
 //! The plugin's side of the boundary: the `extern "C"` shells that
-//! [`plugin!`](crate::plugin) generates call into these safe helpers.
+//! [`plugin!`](crate::plugin!) generates call into these safe helpers,
+//! and the memoization of `#[memo]` and [`cached`] over [`crate::host`].
 //!
 //! Every shell body runs inside [`ffi_boundary`], the one place that catches
 //! a panic before it could unwind into the host.
@@ -101,7 +102,7 @@ impl Args {
     }
 }
 
-/// A cache declaration for [`plugin!`](crate::plugin), built in `const`
+/// A cache declaration for [`plugin!`](crate::plugin!), built in `const`
 /// context.
 ///
 /// ```
@@ -143,6 +144,28 @@ where
         encode_key(key),
         compute,
     )
+}
+
+impl crate::HostCache {
+    /// [`cached`](crate::cached) on this cache: memoizes `compute` under
+    /// `key` (postcard-encoded), with the host's single flight, through the
+    /// handle. What `#[memo]` expands to.
+    ///
+    /// ```
+    /// use keepwarm_api::HostCache;
+    /// static SQUARES: HostCache = HostCache::new("square");
+    ///
+    /// let x = 12u64;
+    /// assert_eq!(SQUARES.cached(&x, || x * x), 144); // computed: no host here
+    /// ```
+    pub fn cached<K, V, F>(&'static self, key: &K, compute: F) -> V
+    where
+        K: serde::Serialize + ?Sized,
+        V: serde::Serialize + serde::de::DeserializeOwned,
+        F: FnOnce() -> V,
+    {
+        cached(self.name(), key, compute)
+    }
 }
 
 /// The shape tag of values of type `V` under keys of type `K` (by name:

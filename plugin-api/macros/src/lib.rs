@@ -278,7 +278,7 @@ pub fn memo(attr: TokenStream, item: TokenStream) -> TokenStream {
             }
             static __KW_MEMO_KEY_SHAPE: ::core::sync::atomic::AtomicU64 = ::core::sync::atomic::AtomicU64::new(0);
             static __KW_MEMO_HANDLE: ::keepwarm_api::HostCache =
-                ::keepwarm_api::HostCache::memo(#cache, __kw_memo_shape, #ttl_ms);
+                ::keepwarm_api::__private::memo_cache(#cache, __kw_memo_shape, #ttl_ms);
             #(#checks)*
             #ret_check
             if __KW_MEMO_KEY_SHAPE.load(::core::sync::atomic::Ordering::Relaxed) == 0 {
