@@ -33,6 +33,13 @@ pub enum CallError {
     BadResult(String),
     /// Typed calls: the arguments do not serialize to JSON.
     BadArguments(String),
+    /// Several plugins export a function of that name.
+    Ambiguous {
+        /// The name asked for.
+        name: String,
+        /// The plugins that export it.
+        plugins: Vec<String>,
+    },
 }
 
 impl std::fmt::Display for CallError {
@@ -50,6 +57,16 @@ impl std::fmt::Display for CallError {
             CallError::Failed(m) => write!(f, "{m}"),
             CallError::Panicked(m) => write!(f, "{m}"),
             CallError::BadResult(m) | CallError::BadArguments(m) => write!(f, "{m}"),
+            CallError::Ambiguous { name, plugins } => {
+                let choices: Vec<String> = plugins.iter().map(|p| format!("{p}::{name}")).collect();
+                write!(
+                    f,
+                    "{} plugins export `{name}` ({}); call one of: {}",
+                    plugins.len(),
+                    plugins.join(", "),
+                    choices.join(", ")
+                )
+            }
         }
     }
 }

@@ -82,6 +82,78 @@ pub struct Status {
     pub loaded_at: Option<f64>,
     /// The host's process id.
     pub pid: u32,
+    /// Every plugin of the host (the fields above are the first one's).
+    pub plugins: Vec<PluginStatus>,
+}
+
+/// One plugin's part of [`Status`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct PluginStatus {
+    /// The watched library path.
+    pub library: String,
+    /// The plugin's name, when one is loaded.
+    pub plugin: Option<String>,
+    /// The live generation (0: nothing loaded yet).
+    pub generation: u64,
+    /// Its exported functions.
+    pub functions: Vec<String>,
+    /// Why the last load failed, if the last attempt failed.
+    pub last_error: Option<String>,
+    /// Set while the library path is missing.
+    pub waiting: Option<String>,
+    /// How many loads failed.
+    pub failed_reloads: u64,
+    /// How long the live generation took to load, in milliseconds.
+    pub load_ms: Option<f64>,
+    /// When the live generation went live, in seconds since the Unix epoch.
+    pub loaded_at: Option<f64>,
+}
+
+impl PluginStatus {
+    /// As a JSON object.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "library": self.library,
+            "plugin": self.plugin,
+            "generation": self.generation,
+            "functions": self.functions,
+            "last_error": self.last_error,
+            "waiting": self.waiting,
+            "failed_reloads": self.failed_reloads,
+            "load_ms": self.load_ms,
+            "loaded_at": self.loaded_at,
+        })
+    }
+
+    /// From that JSON object.
+    pub fn from_json(value: &serde_json::Value) -> Result<PluginStatus, String> {
+        let o = crate::json::Object::new(
+            value,
+            "a plugin's status",
+            &[
+                "library",
+                "plugin",
+                "generation",
+                "functions",
+                "last_error",
+                "waiting",
+                "failed_reloads",
+                "load_ms",
+                "loaded_at",
+            ],
+        )?;
+        Ok(PluginStatus {
+            library: o.str("library")?,
+            plugin: o.opt_str("plugin")?,
+            generation: o.u64("generation")?,
+            functions: o.strings("functions")?,
+            last_error: o.opt_str("last_error")?,
+            waiting: o.opt_str("waiting")?,
+            failed_reloads: o.u64("failed_reloads")?,
+            load_ms: o.opt_f64("load_ms")?,
+            loaded_at: o.opt_f64("loaded_at")?,
+        })
+    }
 }
 
 impl Drop for Host {
@@ -108,6 +180,7 @@ impl Status {
             "load_ms": self.load_ms,
             "loaded_at": self.loaded_at,
             "pid": self.pid,
+            "plugins": self.plugins.iter().map(PluginStatus::to_json).collect::<Vec<_>>(),
         })
     }
 
@@ -128,6 +201,7 @@ impl Status {
                 "load_ms",
                 "loaded_at",
                 "pid",
+                "plugins",
             ],
         )?;
         Ok(Status {
@@ -142,6 +216,11 @@ impl Status {
             load_ms: o.opt_f64("load_ms")?,
             loaded_at: o.opt_f64("loaded_at")?,
             pid: u32::try_from(o.u64("pid")?).map_err(|e| format!("pid: {e}"))?,
+            plugins: o
+                .array_or_empty("plugins")?
+                .iter()
+                .map(PluginStatus::from_json)
+                .collect::<Result<_, _>>()?,
         })
     }
 }
@@ -170,11 +249,45 @@ struct ReloadState {
     failed_hash: Option<u32>,
 }
 
-/// A running keepwarm host: the library it serves, the caches it owns, and
-/// the live generation.
-pub struct Host {
-    library: PathBuf,
+/// Everything the plugins of one host share: the caches, where events go,
+/// the shadow directory, the `then` function.
+struct Shared {
     store: Arc<Store>,
+    events: Arc<RwLock<Option<EventSink>>>,
+    then: Option<String>,
+    shadow_dir: crate::paths::ShadowDir,
+    /// Successful loads of any plugin so far (see [`Host::loads`]).
+    loads: std::sync::atomic::AtomicU64,
+}
+
+impl Shared {
+    fn emit(&self, event: &Event) {
+        let sink = self.events.read().clone();
+        if let Some(sink) = sink {
+            sink(event)
+        }
+    }
+
+    /// The sink the host tables of this host's generations report to (it
+    /// follows [`Host::set_event_sink`]).
+    fn sink(&self) -> EventSink {
+        let events = Arc::clone(&self.events);
+        Arc::new(move |event| {
+            let sink = events.read().clone();
+            if let Some(sink) = sink {
+                sink(event)
+            }
+        })
+    }
+}
+
+/// One plugin library of a host: the file it watches, its live generation,
+/// and how its last loads went. Its caches are the host's.
+pub struct Plugin {
+    /// Its place among the host's plugins (0 for the first).
+    index: usize,
+    library: PathBuf,
+    shared: Arc<Shared>,
     current: RwLock<Option<Arc<Generation>>>,
     reload: Mutex<ReloadState>,
     last_error: Mutex<Option<String>>,
@@ -185,28 +298,24 @@ pub struct Host {
     waiting: Mutex<Option<String>>,
     /// The identity of the file last read, and why it was refused if it
     /// was: a call compares it with the file on disk (see
-    /// [`Host::catch_up`]).
+    /// [`Plugin::catch_up`]).
     seen: Mutex<Option<(crate::loader::FileId, Option<String>)>>,
     failed_reloads: Mutex<u64>,
-    events: Arc<RwLock<Option<EventSink>>>,
-    then: Option<String>,
-    shadow_dir: crate::paths::ShadowDir,
 }
 
-impl Host {
-    /// A host for `config`, with nothing loaded yet (call [`Host::reload`]).
-    pub fn new(config: Config) -> crate::error::Result<Arc<Host>> {
-        use crate::error::Context;
-        let library = std::path::absolute(&config.library)
-            .context(|| format!("resolving {}", config.library.display()))?;
-        // A private directory (mode 0700, removed on shutdown) for shadow
-        // copies; those of hosts that died are swept first.
-        let runtime = crate::paths::runtime_dir()?;
-        crate::paths::sweep_dead_shadow_dirs(&runtime);
-        let shadow_dir = crate::paths::ShadowDir::create_in(&runtime)?;
-        Ok(Arc::new(Host {
+/// A running keepwarm host: the plugins it serves (one or more libraries,
+/// each watched and reloaded on its own), and the caches they share.
+pub struct Host {
+    shared: Arc<Shared>,
+    plugins: RwLock<Vec<Arc<Plugin>>>,
+}
+
+impl Plugin {
+    fn new(index: usize, library: PathBuf, shared: Arc<Shared>) -> Plugin {
+        Plugin {
+            index,
             library,
-            store: Arc::new(Store::with_overrides(config.cache_bounds)),
+            shared,
             current: RwLock::new(None),
             reload: Mutex::new(ReloadState {
                 next_generation: 1,
@@ -218,64 +327,12 @@ impl Host {
             waiting: Mutex::new(None),
             seen: Mutex::new(None),
             failed_reloads: Mutex::new(0),
-            events: Arc::new(RwLock::new(config.events)),
-            then: config.then,
-            shadow_dir,
-        }))
+        }
     }
 
     /// The watched library path (absolute).
     pub fn library(&self) -> &Path {
         &self.library
-    }
-
-    /// The directory holding this host's shadow copies.
-    pub fn shadow_dir(&self) -> &Path {
-        self.shadow_dir.path()
-    }
-
-    /// The caches.
-    pub fn store(&self) -> &Arc<Store> {
-        &self.store
-    }
-
-    /// Shuts the host down: waits up to `grace` for calls in flight on the
-    /// live generation to return, unloads it (on_unload, dlclose) and removes
-    /// the shadow directory. Returns false when calls were still running at
-    /// the deadline (they keep their generation alive; its files are removed
-    /// all the same). Further reloads do nothing.
-    pub fn shutdown(&self, grace: Duration) -> bool {
-        // Hold the reload lock to the end: no new generation after this.
-        let mut state = self.reload.lock();
-        state.shut_down = true;
-        let generation = self.current.write().take();
-        let mut drained = true;
-        if let Some(generation) = generation {
-            let deadline = Instant::now() + grace;
-            while Arc::strong_count(&generation) > 1 {
-                if Instant::now() >= deadline {
-                    drained = false;
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            drop(generation);
-        }
-        self.shadow_dir.remove();
-        drained
-    }
-
-    /// Sends `event` to the sink, if there is one.
-    pub fn emit(&self, event: &Event) {
-        let sink = self.events.read().clone();
-        if let Some(sink) = sink {
-            sink(event)
-        }
-    }
-
-    /// Sends the host's events to `sink` from now on (`None`: nowhere).
-    pub fn set_event_sink(&self, sink: Option<EventSink>) {
-        *self.events.write() = sink;
     }
 
     /// The live generation's number (0 before the first load).
@@ -293,6 +350,19 @@ impl Host {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| self.library.display().to_string())
+    }
+
+    /// The plugin's name (from its descriptor), or its file's stem before
+    /// the first load.
+    pub fn name(&self) -> String {
+        match self.current() {
+            Some(g) => g.plugin_name().to_owned(),
+            None => self
+                .library
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+        }
     }
 
     /// Loads the library if its content differs from the live generation's
@@ -343,7 +413,10 @@ impl Host {
                 // old one retires when its in-flight calls drop their Arcs.
                 let old = self.current.write().replace(generation);
                 drop(old);
-                self.emit(&event);
+                self.shared
+                    .loads
+                    .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+                self.shared.emit(&event);
                 drop(state);
                 self.run_then();
                 Ok(Reloaded::Loaded {
@@ -376,10 +449,10 @@ impl Host {
         bytes: &[u8],
         started: Instant,
     ) -> Result<(Arc<Generation>, Vec<String>), LoadError> {
-        let shadow = self
-            .shadow_dir
-            .path()
-            .join(format!("gen-{number}-{}", self.file_name()));
+        let shadow = self.shared.shadow_dir.path().join(match self.index {
+            0 => format!("gen-{number}-{}", self.file_name()),
+            i => format!("p{i}-gen-{number}-{}", self.file_name()),
+        });
         let mut library = Library::open(bytes, shadow)?;
         let declared = library
             .caches
@@ -387,7 +460,12 @@ impl Host {
             .filter(|d| d.code_hash != 0)
             .map(|d| (Box::from(d.name.as_bytes()), d.code_hash))
             .collect();
-        let table = HostTable::new(number, Arc::clone(&self.store), self.sink(), declared);
+        let table = HostTable::new(
+            number,
+            Arc::clone(&self.shared.store),
+            self.shared.sink(),
+            declared,
+        );
         // SAFETY: host tables are never freed, so the table outlives the
         // library whatever happens.
         if let Err(e) = unsafe { library.run_on_load(table.as_ptr()) } {
@@ -398,7 +476,11 @@ impl Host {
         }
         let mut reset = Vec::new();
         for decl in &library.caches {
-            if self.store.declare(&decl.name, decl.bounds, decl.code_hash) {
+            if self
+                .shared
+                .store
+                .declare(&decl.name, decl.bounds, decl.code_hash)
+            {
                 reset.push(decl.name.clone());
             }
         }
@@ -408,6 +490,7 @@ impl Host {
 
     fn loaded_event(&self, g: &Generation, reset: &[String]) -> Event {
         let kept = self
+            .shared
             .store
             .stats()
             .into_iter()
@@ -429,9 +512,19 @@ impl Host {
 
     /// Calls the `--then` function, if any, and reports what it answered.
     fn run_then(&self) {
-        let Some(function) = &self.then else { return };
+        let Some(function) = &self.shared.then else {
+            return;
+        };
+        // With several plugins, the one that exports it (the first plugin
+        // reports that it does not).
+        let exports = self
+            .current()
+            .is_some_and(|g| g.function_names().iter().any(|f| f == function));
+        if !exports && self.index > 0 {
+            return;
+        }
         let outcome = self.call_json(function, &[]).map_err(|e| e.to_string());
-        self.emit(&Event::Then {
+        self.shared.emit(&Event::Then {
             function: function.clone(),
             outcome,
         });
@@ -448,7 +541,7 @@ impl Host {
             );
             *waiting = Some(message);
             drop(waiting);
-            self.emit(&Event::Waiting {
+            self.shared.emit(&Event::Waiting {
                 library: self.library.clone(),
                 serving: self.current().map(|g| g.number),
             });
@@ -475,23 +568,11 @@ impl Host {
         *self.failed_reloads.lock() += 1;
         let file = self.file_name();
         *self.last_error.lock() = Some(format!("refused {file}: {error}"));
-        self.emit(&Event::Refused {
+        self.shared.emit(&Event::Refused {
             file,
             error: error.to_string(),
             serving: self.current().map(|g| g.number),
         });
-    }
-
-    /// The sink the host tables of this host's generations report to (it
-    /// follows [`Host::set_event_sink`]).
-    fn sink(&self) -> EventSink {
-        let events = Arc::clone(&self.events);
-        Arc::new(move |event| {
-            let sink = events.read().clone();
-            if let Some(sink) = sink {
-                sink(event)
-            }
-        })
     }
 
     /// Makes sure the build on disk is the one that answers: when the file
@@ -533,6 +614,224 @@ impl Host {
         )
     }
 
+    /// Calls a function this plugin exports, with JSON arguments.
+    pub fn call_json(
+        &self,
+        function: &str,
+        args: &[serde_json::Value],
+    ) -> Result<serde_json::Value, CallError> {
+        // A thread that calls plugins through the host is the host's (or
+        // its embedder's), not one a plugin started.
+        crate::threads::register_current();
+        let generation = self.current().ok_or(CallError::NotLoaded)?;
+        let args = serde_json::to_vec(args).expect("JSON values always serialize");
+        let bytes = generation.call(function, &args)?;
+        serde_json::from_slice(&bytes).map_err(|e| {
+            CallError::BadResult(format!(
+                "the plugin function `{function}` returned invalid JSON ({e}): {}",
+                String::from_utf8_lossy(&bytes)
+            ))
+        })
+    }
+
+    /// Stops loading, waits until `deadline` for calls in flight on the live
+    /// generation, then unloads it. False when calls were still running.
+    fn shut_down(&self, deadline: Instant) -> bool {
+        // Hold the reload lock to the end: no new generation after this.
+        let mut state = self.reload.lock();
+        state.shut_down = true;
+        let generation = self.current.write().take();
+        let mut drained = true;
+        if let Some(generation) = generation {
+            while Arc::strong_count(&generation) > 1 {
+                if Instant::now() >= deadline {
+                    drained = false;
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            drop(generation);
+        }
+        drained
+    }
+
+    /// This plugin's part of the status.
+    pub fn status(&self) -> PluginStatus {
+        let g = self.current();
+        PluginStatus {
+            library: self.library.display().to_string(),
+            plugin: g.as_ref().map(|g| g.plugin_name().to_owned()),
+            generation: g.as_ref().map_or(0, |g| g.number),
+            functions: g.as_ref().map(|g| g.function_names()).unwrap_or_default(),
+            last_error: self.last_error.lock().clone(),
+            waiting: self.waiting.lock().clone(),
+            failed_reloads: *self.failed_reloads.lock(),
+            load_ms: g.as_ref().map(|g| g.load_time.as_secs_f64() * 1000.0),
+            loaded_at: g.as_ref().map(|g| {
+                g.loaded_at
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .unwrap_or(Duration::ZERO)
+                    .as_secs_f64()
+            }),
+        }
+    }
+}
+
+impl Host {
+    /// A host for `config`, with nothing loaded yet (call [`Host::reload`]).
+    /// Its first plugin is `config.library`; add more with [`Host::load`].
+    pub fn new(config: Config) -> crate::error::Result<Arc<Host>> {
+        // A private directory (mode 0700, removed on shutdown) for shadow
+        // copies; those of hosts that died are swept first.
+        let runtime = crate::paths::runtime_dir()?;
+        crate::paths::sweep_dead_shadow_dirs(&runtime);
+        let shadow_dir = crate::paths::ShadowDir::create_in(&runtime)?;
+        let shared = Arc::new(Shared {
+            store: Arc::new(Store::with_overrides(config.cache_bounds)),
+            events: Arc::new(RwLock::new(config.events)),
+            then: config.then,
+            shadow_dir,
+            loads: std::sync::atomic::AtomicU64::new(0),
+        });
+        let host = Arc::new(Host {
+            shared,
+            plugins: RwLock::new(Vec::new()),
+        });
+        host.add(&config.library)?;
+        Ok(host)
+    }
+
+    /// Adds the plugin library at `library` to the host and loads it (as
+    /// [`Plugin::reload`]); it shares the host's caches. Watch it with
+    /// [`crate::watcher::watch_plugin`] (or `watcher::watch`, which watches
+    /// every plugin).
+    pub fn load(&self, library: impl AsRef<Path>) -> crate::error::Result<Arc<Plugin>> {
+        let plugin = self.add(library.as_ref())?;
+        if let Err(e) = plugin.reload(false) {
+            if !e.is_incomplete() && !e.is_transient() {
+                // Reported by reload as an event; the plugin stays, waiting
+                // for a build that loads.
+            }
+        }
+        Ok(plugin)
+    }
+
+    /// Adds the plugin library at `library` without loading it: the watcher
+    /// ([`crate::watcher::watch`]) and [`crate::watcher::load_initial`] take
+    /// it from there, as for the first. Adding a library twice gives the same
+    /// plugin.
+    pub fn add(&self, library: &Path) -> crate::error::Result<Arc<Plugin>> {
+        use crate::error::Context;
+        let library =
+            std::path::absolute(library).context(|| format!("resolving {}", library.display()))?;
+        let mut plugins = self.plugins.write();
+        if let Some(existing) = plugins.iter().find(|p| p.library == library) {
+            return Ok(Arc::clone(existing));
+        }
+        let plugin = Arc::new(Plugin::new(
+            plugins.len(),
+            library,
+            Arc::clone(&self.shared),
+        ));
+        plugins.push(Arc::clone(&plugin));
+        Ok(plugin)
+    }
+
+    /// The host's plugins, in the order they were added.
+    pub fn plugins(&self) -> Vec<Arc<Plugin>> {
+        self.plugins.read().clone()
+    }
+
+    /// The first plugin (the one [`Config::library`] names).
+    pub fn first(&self) -> Arc<Plugin> {
+        Arc::clone(&self.plugins.read()[0])
+    }
+
+    /// The first plugin's library path (absolute).
+    pub fn library(&self) -> PathBuf {
+        self.first().library.clone()
+    }
+
+    /// The first plugin's live generation, if any.
+    pub fn current(&self) -> Option<Arc<Generation>> {
+        self.first().current()
+    }
+
+    /// The first plugin's live generation number (0 before its first load).
+    pub fn generation_number(&self) -> u64 {
+        self.first().generation_number()
+    }
+
+    /// How many loads of any plugin have succeeded: it changes whenever a
+    /// new generation of any plugin goes live.
+    pub fn loads(&self) -> u64 {
+        self.shared.loads.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Reloads every plugin whose file changed (all of them, with `force`);
+    /// the outcome of the last one that loaded, else of the first.
+    pub fn reload(&self, force: bool) -> Result<Reloaded, LoadError> {
+        let mut outcome = None;
+        for plugin in self.plugins() {
+            let result = plugin.reload(force);
+            match (&outcome, &result) {
+                (None, _) | (Some(Ok(Reloaded::Unchanged)), Ok(Reloaded::Loaded { .. })) => {
+                    outcome = Some(result)
+                }
+                (Some(Ok(_)), Err(_)) => outcome = Some(result),
+                _ => {}
+            }
+        }
+        outcome.unwrap_or(Ok(Reloaded::Unchanged))
+    }
+
+    /// Makes sure every plugin answers with the build on disk (see
+    /// [`Plugin::catch_up`]); the first warning, if any.
+    pub fn catch_up(&self, within: Duration) -> Option<String> {
+        let mut warning = None;
+        for plugin in self.plugins() {
+            if let Some(w) = plugin.catch_up(within) {
+                warning.get_or_insert(w);
+            }
+        }
+        warning
+    }
+
+    /// The directory holding this host's shadow copies.
+    pub fn shadow_dir(&self) -> &Path {
+        self.shared.shadow_dir.path()
+    }
+
+    /// The caches.
+    pub fn store(&self) -> &Arc<Store> {
+        &self.shared.store
+    }
+
+    /// Shuts the host down: waits up to `grace` for calls in flight to
+    /// return, unloads every plugin (on_unload, dlclose) and removes the
+    /// shadow directory. Returns false when calls were still running at the
+    /// deadline (they keep their generation alive; its files are removed
+    /// all the same). Further reloads do nothing.
+    pub fn shutdown(&self, grace: Duration) -> bool {
+        let deadline = Instant::now() + grace;
+        let mut drained = true;
+        for plugin in self.plugins() {
+            drained &= plugin.shut_down(deadline);
+        }
+        self.shared.shadow_dir.remove();
+        drained
+    }
+
+    /// Sends `event` to the sink, if there is one.
+    pub fn emit(&self, event: &Event) {
+        self.shared.emit(event)
+    }
+
+    /// Sends the host's events to `sink` from now on (`None`: nowhere).
+    pub fn set_event_sink(&self, sink: Option<EventSink>) {
+        *self.shared.events.write() = sink;
+    }
+
     /// Calls an exported function with typed arguments and result, through
     /// serde: `args` is one argument, or a tuple of several (`&(2, 3)`), or
     /// `&()` for none; the JSON result is decoded into `R`. A value that
@@ -571,69 +870,132 @@ impl Host {
     }
 
     /// Calls an exported function with JSON arguments, returning its JSON
-    /// result. The generation stays alive for the duration of the call.
+    /// result. The function is looked up in every plugin: `FN` when one
+    /// plugin exports it, `PLUGIN::FN` to choose when several do. The
+    /// generation stays alive for the duration of the call.
     pub fn call_json(
         &self,
         function: &str,
         args: &[serde_json::Value],
     ) -> Result<serde_json::Value, CallError> {
-        // A thread that calls plugins through the host is the host's (or
-        // its embedder's), not one a plugin started.
-        crate::threads::register_current();
-        let generation = self.current().ok_or(CallError::NotLoaded)?;
-        let args = serde_json::to_vec(args).expect("JSON values always serialize");
-        let bytes = generation.call(function, &args)?;
-        serde_json::from_slice(&bytes).map_err(|e| {
-            CallError::BadResult(format!(
-                "the plugin function `{function}` returned invalid JSON ({e}): {}",
-                String::from_utf8_lossy(&bytes)
-            ))
-        })
+        self.route(function)?
+            .call_json(function.rsplit("::").next().unwrap_or(function), args)
+    }
+
+    /// The plugin that answers `function` (`FN` or `PLUGIN::FN`).
+    fn route(&self, function: &str) -> Result<Arc<Plugin>, CallError> {
+        let plugins = self.plugins();
+        if let Some((wanted, name)) = function.split_once("::") {
+            return plugins
+                .into_iter()
+                .find(|p| p.name() == wanted)
+                .ok_or_else(|| CallError::UnknownFunction {
+                    name: function.to_owned(),
+                    available: self.function_names(),
+                })
+                .and_then(|p| {
+                    if p.current().is_some() {
+                        Ok(p)
+                    } else {
+                        let _ = name;
+                        Err(CallError::NotLoaded)
+                    }
+                });
+        }
+        if plugins.len() == 1 {
+            return Ok(Arc::clone(&plugins[0]));
+        }
+        let exporting: Vec<Arc<Plugin>> = plugins
+            .iter()
+            .filter(|p| {
+                p.current()
+                    .is_some_and(|g| g.function_names().iter().any(|f| f == function))
+            })
+            .cloned()
+            .collect();
+        match exporting.len() {
+            1 => Ok(Arc::clone(&exporting[0])),
+            0 if plugins.iter().all(|p| p.current().is_none()) => Err(CallError::NotLoaded),
+            0 => Err(CallError::UnknownFunction {
+                name: function.to_owned(),
+                available: self.function_names(),
+            }),
+            _ => Err(CallError::Ambiguous {
+                name: function.to_owned(),
+                plugins: exporting.iter().map(|p| p.name()).collect(),
+            }),
+        }
+    }
+
+    /// Every exported function, as a call names it (`PLUGIN::FN` for the
+    /// names several plugins export).
+    pub fn function_names(&self) -> Vec<String> {
+        let plugins = self.plugins();
+        let per: Vec<(String, Vec<String>)> = plugins
+            .iter()
+            .map(|p| {
+                (
+                    p.name(),
+                    p.current().map(|g| g.function_names()).unwrap_or_default(),
+                )
+            })
+            .collect();
+        let mut names = Vec::new();
+        for (plugin, functions) in &per {
+            for f in functions {
+                let shared = per.iter().filter(|(_, fs)| fs.contains(f)).count() > 1;
+                names.push(if shared {
+                    format!("{plugin}::{f}")
+                } else {
+                    f.clone()
+                });
+            }
+        }
+        names
     }
 
     /// Figures of every cache, or of one.
     pub fn stats(&self, cache: Option<&str>) -> Option<Vec<CacheStats>> {
         match cache {
-            None => Some(self.store.stats()),
-            Some(name) => self.store.get(name).map(|c| vec![c.stats()]),
+            None => Some(self.shared.store.stats()),
+            Some(name) => self.shared.store.get(name).map(|c| vec![c.stats()]),
         }
     }
 
     /// Resets one cache; `None` if there is no cache of that name.
     pub fn reset(&self, cache: &str) -> Option<u64> {
-        self.store.reset(cache)
+        self.shared.store.reset(cache)
     }
 
     /// Resets every cache; returns the entries dropped.
     pub fn reset_all(&self) -> u64 {
-        self.store.reset_all()
+        self.shared.store.reset_all()
     }
 
-    /// What is loaded.
+    /// What is loaded: the first plugin's figures at the top (as with one
+    /// plugin), and every plugin's under `plugins`.
     pub fn status(&self) -> Status {
-        let g = self.current();
+        let plugins: Vec<PluginStatus> = self.plugins().iter().map(|p| p.status()).collect();
+        let first = plugins[0].clone();
         Status {
-            library: self.library.display().to_string(),
-            plugin: g.as_ref().map(|g| g.plugin_name().to_owned()),
-            generation: g.as_ref().map_or(0, |g| g.number),
-            functions: g.as_ref().map(|g| g.function_names()).unwrap_or_default(),
+            library: first.library,
+            plugin: first.plugin,
+            generation: first.generation,
+            functions: self.function_names(),
             caches: self
+                .shared
                 .store
                 .all()
                 .iter()
                 .map(|c| c.name().to_owned())
                 .collect(),
-            last_error: self.last_error.lock().clone(),
-            waiting: self.waiting.lock().clone(),
-            failed_reloads: *self.failed_reloads.lock(),
-            load_ms: g.as_ref().map(|g| g.load_time.as_secs_f64() * 1000.0),
-            loaded_at: g.as_ref().map(|g| {
-                g.loaded_at
-                    .duration_since(SystemTime::UNIX_EPOCH)
-                    .unwrap_or(Duration::ZERO)
-                    .as_secs_f64()
-            }),
+            last_error: first.last_error,
+            waiting: first.waiting,
+            failed_reloads: plugins.iter().map(|p| p.failed_reloads).sum(),
+            load_ms: first.load_ms,
+            loaded_at: first.loaded_at,
             pid: std::process::id(),
+            plugins,
         }
     }
 }

@@ -73,5 +73,5 @@ pub mod watcher;
 pub use error::Error;
 pub use events::{Event, EventSink};
 pub use generation::CallError;
-pub use host::{Config, Host, Reloaded, Status};
+pub use host::{Config, Host, Plugin, PluginStatus, Reloaded, Status};
 pub use loader::LoadError;

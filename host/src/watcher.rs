@@ -44,7 +44,7 @@ use notify::event::{AccessKind, AccessMode, ModifyKind};
 use notify::{EventKind, RecursiveMode, Watcher as _};
 use parking_lot::Mutex;
 
-use crate::host::Host;
+use crate::host::{Host, Plugin};
 use crate::loader::LoadError;
 
 /// How often an incomplete file is checked again.
@@ -78,10 +78,13 @@ impl std::fmt::Display for WatchError {
 
 impl std::error::Error for WatchError {}
 
-/// A running watch; dropping it stops watching.
+/// A running watch (of one plugin, or of all of a host's); dropping it
+/// stops watching and waits for its threads.
 pub struct Watch {
     stop: Option<mpsc::Sender<Signal>>,
     thread: Option<std::thread::JoinHandle<()>>,
+    /// The watches of the other plugins ([`watch`] of several).
+    others: Vec<Watch>,
 }
 
 impl Drop for Watch {
@@ -262,8 +265,21 @@ impl Arm {
     }
 }
 
-/// Starts watching `host`'s library on a background thread.
+/// Starts watching every library of `host`, one background thread each.
 pub fn watch(host: Arc<Host>) -> Result<Watch, WatchError> {
+    let mut plugins = host.plugins().into_iter();
+    let first = plugins
+        .next()
+        .ok_or_else(|| WatchError("the host has no plugin to watch".into()))?;
+    let mut watch = watch_plugin(first)?;
+    for plugin in plugins {
+        watch.others.push(watch_plugin(plugin)?);
+    }
+    Ok(watch)
+}
+
+/// Starts watching one plugin's library on a background thread.
+pub fn watch_plugin(host: Arc<Plugin>) -> Result<Watch, WatchError> {
     let (tx, rx) = mpsc::channel::<Signal>();
     let interest = Arc::new(Mutex::new(Interest::default()));
     let events = tx.clone();
@@ -300,6 +316,7 @@ pub fn watch(host: Arc<Host>) -> Result<Watch, WatchError> {
     Ok(Watch {
         stop: Some(tx),
         thread: Some(thread),
+        others: Vec::new(),
     })
 }
 
@@ -320,7 +337,7 @@ enum Next {
     RetryIn(Duration),
 }
 
-fn run(host: &Host, rx: &mpsc::Receiver<Signal>, arm: &mut Arm) {
+fn run(host: &Plugin, rx: &mpsc::Receiver<Signal>, arm: &mut Arm) {
     let mut next = Next::Wait;
     let mut missing_since: Option<Instant> = None;
     loop {
@@ -350,7 +367,7 @@ fn run(host: &Host, rx: &mpsc::Receiver<Signal>, arm: &mut Arm) {
 /// Re-arms, waits out writers and incomplete files, and reloads. `None`
 /// when the watch was stopped.
 fn attempt(
-    host: &Host,
+    host: &Plugin,
     rx: &mpsc::Receiver<Signal>,
     arm: &mut Arm,
     writing: &mut bool,
@@ -417,10 +434,17 @@ fn attempt(
     }
 }
 
-/// The first load of `keepwarm run`: waits out a file that is still being
-/// written; a missing file is announced and left to the watcher, and so is a
-/// machine problem (reported, then retried by the watcher).
+/// The first load of `keepwarm run`, of every plugin: waits out a file that
+/// is still being written; a missing file is announced and left to the
+/// watcher, and so is a machine problem (reported, then retried by the
+/// watcher).
 pub fn load_initial(host: &Host) {
+    for plugin in host.plugins() {
+        load_initial_plugin(&plugin);
+    }
+}
+
+fn load_initial_plugin(host: &Plugin) {
     let started = Instant::now();
     loop {
         match host.reload(false) {

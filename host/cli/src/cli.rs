@@ -82,9 +82,9 @@ pub struct DevArgs {
 /// Arguments of `keepwarm run`.
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    /// The plugin library (.so) to load and watch
-    #[arg(value_name = "LIB")]
-    pub library: PathBuf,
+    /// The plugin libraries (.so) to load and watch; they share the caches
+    #[arg(value_name = "LIB", required = true, num_args = 1..)]
+    pub libraries: Vec<PathBuf>,
     /// Do not read commands from the terminal
     #[arg(long)]
     pub no_repl: bool,
@@ -313,14 +313,28 @@ pub fn stats_table(stats: &[CacheStats]) -> String {
 
 /// The human form of `status`.
 pub fn status_text(s: &Status) -> String {
-    let mut lines = vec![format!("library:        {}", s.library)];
-    match &s.plugin {
-        Some(name) => lines.push(format!(
-            "plugin:         {name}, generation {} (loaded in {:.1} ms)",
-            s.generation,
-            s.load_ms.unwrap_or(0.0)
-        )),
-        None => lines.push("plugin:         nothing loaded".to_owned()),
+    // One plugin's lines: its library, what is loaded.
+    let plugin = |lines: &mut Vec<String>,
+                  library: &str,
+                  name: &Option<String>,
+                  generation: u64,
+                  ms: Option<f64>| {
+        lines.push(format!("library:        {library}"));
+        lines.push(match name {
+            Some(name) => format!(
+                "plugin:         {name}, generation {generation} (loaded in {:.1} ms)",
+                ms.unwrap_or(0.0)
+            ),
+            None => "plugin:         nothing loaded".to_owned(),
+        });
+    };
+    let mut lines = Vec::new();
+    plugin(&mut lines, &s.library, &s.plugin, s.generation, s.load_ms);
+    for p in s.plugins.iter().skip(1) {
+        plugin(&mut lines, &p.library, &p.plugin, p.generation, p.load_ms);
+        if let Some(w) = &p.waiting {
+            lines.push(format!("watching:       {w}"));
+        }
     }
     lines.push(format!("functions:      {}", s.functions.join(", ")));
     lines.push(format!("caches:         {}", s.caches.join(", ")));

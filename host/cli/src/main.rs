@@ -86,12 +86,15 @@ fn client_error(e: &ClientError) -> i32 {
 }
 
 fn run(args: RunArgs, socket: Option<std::path::PathBuf>) -> anyhow::Result<()> {
-    let mut config = Config::new(&args.library);
+    let mut libraries = args.libraries.into_iter();
+    let first = libraries.next().expect("clap requires one LIB");
+    let mut config = Config::new(&first);
     config.cache_bounds = args.caches.into_iter().collect();
     config.then = args.then;
     config.events = Some(crate::output::event_sink());
     Serve {
         config,
+        more: libraries.collect(),
         socket,
         no_repl: args.no_repl,
     }
@@ -111,6 +114,7 @@ fn dev(args: DevArgs, socket: Option<std::path::PathBuf>) -> anyhow::Result<()> 
     config.events = Some(crate::output::event_sink());
     Serve {
         config,
+        more: Vec::new(),
         socket,
         no_repl: args.no_repl,
     }

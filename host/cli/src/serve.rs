@@ -24,8 +24,10 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 /// How a host is served.
 pub struct Serve {
-    /// The host's configuration (library, cache bounds, printer).
+    /// The host's configuration (first library, cache bounds, events).
     pub config: Config,
+    /// More plugin libraries, sharing the host's caches.
+    pub more: Vec<PathBuf>,
     /// The control socket; the library's default socket when `None`.
     pub socket: Option<PathBuf>,
     /// Never read commands from the terminal.
@@ -104,9 +106,17 @@ impl Serve {
         // Bind before loading: a second host on the same socket stops here.
         let server = Server::bind(&socket)?;
         let host = Host::new(self.config)?;
+        for library in &self.more {
+            host.add(library)?;
+        }
+        let libraries: Vec<String> = host
+            .plugins()
+            .iter()
+            .map(|p| p.library().display().to_string())
+            .collect();
         crate::output::say(&format!(
             "keepwarm: serving {} · control socket {}",
-            host.library().display(),
+            libraries.join(", "),
             server.path().display()
         ));
         // Watch before the first load, so that no change after it is

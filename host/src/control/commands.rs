@@ -34,7 +34,9 @@ fn call(host: &Host, function: &str, args: &[serde_json::Value]) -> Response {
         Err(e) => {
             let code = match &e {
                 CallError::NotLoaded => ErrorCode::NotLoaded,
-                CallError::UnknownFunction { .. } => ErrorCode::UnknownFunction,
+                CallError::UnknownFunction { .. } | CallError::Ambiguous { .. } => {
+                    ErrorCode::UnknownFunction
+                }
                 CallError::Panicked(_) => ErrorCode::PluginPanic,
                 CallError::Failed(_) | CallError::BadResult(_) | CallError::BadArguments(_) => {
                     ErrorCode::PluginError

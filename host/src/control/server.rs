@@ -317,7 +317,7 @@ fn serve(host: &Host, mut c: Connection) -> Option<Connection> {
         }
         let request = parse_request(trimmed);
         if let Ok(super::protocol::Request::Call { .. }) = &request {
-            let live = host.generation_number();
+            let live = host.loads();
             if called.is_some_and(|g| g != live) {
                 c.pending = Some(std::mem::take(&mut line));
                 return Some(c);
