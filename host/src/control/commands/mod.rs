@@ -1,0 +1,45 @@
+//! One handler per command, one file each (as mini-redis lays them out).
+//! The socket server and the prompt both come here, so a command behaves the
+//! same wherever it is typed.
+
+mod call;
+mod reload;
+mod reset;
+mod stats;
+mod status;
+
+use super::protocol::{ErrorCode, Request, Response};
+use crate::host::Host;
+
+/// Carries out one request against `host`.
+pub fn handle(host: &Host, request: Request) -> Response {
+    match request {
+        Request::Call { function, args, .. } => call::run(host, &function, &args),
+        Request::Reset { cache, all, .. } => reset::run(host, cache.as_deref(), all),
+        Request::Stats { cache, .. } => stats::run(host, cache.as_deref()),
+        Request::Status { .. } => status::run(host),
+        Request::Reload { .. } => reload::run(host),
+    }
+}
+
+/// How long a call waits for a build that landed to finish loading.
+pub const CATCH_UP: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The response to a name that is no cache: the names there are.
+fn unknown_cache(host: &Host, name: &str) -> Response {
+    let names: Vec<String> = host
+        .store()
+        .all()
+        .iter()
+        .map(|c| c.name().to_owned())
+        .collect();
+    let known = if names.is_empty() {
+        "there are no caches yet".to_owned()
+    } else {
+        format!("caches: {}", names.join(", "))
+    };
+    Response::err(
+        ErrorCode::UnknownCache,
+        format!("no cache named `{name}` ({known})"),
+    )
+}
