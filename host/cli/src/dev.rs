@@ -18,7 +18,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use notify::{RecursiveMode, Watcher as _};
-use serde::Deserialize;
 
 use crate::host::Host;
 
@@ -46,44 +45,29 @@ pub struct Built {
     pub package_dir: PathBuf,
 }
 
-#[derive(Deserialize)]
-struct Message {
-    reason: String,
-    #[serde(default)]
-    target: Option<Target>,
-    #[serde(default)]
-    filenames: Vec<PathBuf>,
-    #[serde(default)]
-    manifest_path: Option<PathBuf>,
-}
-
-#[derive(Deserialize)]
-struct Target {
-    kind: Vec<String>,
-}
-
-/// Picks the cdylib artifact from cargo's JSON message lines.
+/// Picks the cdylib artifact from cargo's JSON message lines (parsed by
+/// `cargo_metadata`).
 pub fn find_artifact<'a>(lines: impl IntoIterator<Item = &'a str>) -> Option<Built> {
+    use cargo_metadata::{CrateType, Message};
     let mut found = None;
     for line in lines {
-        let Ok(m) = serde_json::from_str::<Message>(line) else {
+        let Ok(Message::CompilerArtifact(artifact)) = serde_json::from_str::<Message>(line) else {
             continue;
         };
-        if m.reason != "compiler-artifact"
-            || !m
-                .target
-                .is_some_and(|t| t.kind.iter().any(|k| k == "cdylib"))
-        {
+        if !artifact.target.crate_types.contains(&CrateType::CDyLib) {
             continue;
         }
-        let library = m
+        let library = artifact
             .filenames
             .into_iter()
-            .find(|f| f.extension().is_some_and(|e| e == "so"));
-        if let (Some(library), Some(manifest)) = (library, m.manifest_path) {
+            .find(|f| f.extension() == Some("so"));
+        if let Some(library) = library {
             found = Some(Built {
-                library,
-                package_dir: manifest.parent().unwrap_or(Path::new(".")).to_owned(),
+                library: library.into_std_path_buf(),
+                package_dir: artifact
+                    .manifest_path
+                    .parent()
+                    .map_or_else(|| PathBuf::from("."), |d| d.as_std_path().to_owned()),
             });
         }
     }
@@ -219,10 +203,11 @@ mod tests {
 
     #[test]
     fn finds_the_cdylib_among_cargo_messages() {
+        // Real lines of `cargo build --message-format=json` (paths shortened).
         let lines = [
-            r#"{"reason":"compiler-artifact","target":{"kind":["lib"]},"filenames":["/t/libserde.rlib"],"manifest_path":"/r/serde/Cargo.toml"}"#,
+            r#"{"reason":"compiler-artifact","package_id":"registry+https://github.com/rust-lang/crates.io-index#serde@1.0.229","manifest_path":"/r/serde/Cargo.toml","target":{"kind":["lib"],"crate_types":["lib"],"name":"serde","src_path":"/r/serde/src/lib.rs","edition":"2021","doc":true,"doctest":true,"test":true},"profile":{"opt_level":"0","debuginfo":2,"debug_assertions":true,"overflow_checks":true,"test":false},"features":["std"],"filenames":["/t/debug/deps/libserde.rlib"],"executable":null,"fresh":true}"#,
             r#"{"reason":"compiler-message","message":{}}"#,
-            r#"{"reason":"compiler-artifact","target":{"kind":["cdylib","rlib"]},"filenames":["/t/debug/libp.so","/t/debug/libp.rlib"],"manifest_path":"/w/p/Cargo.toml"}"#,
+            r#"{"reason":"compiler-artifact","package_id":"path+file:///w/p#0.1.0","manifest_path":"/w/p/Cargo.toml","target":{"kind":["cdylib","rlib"],"crate_types":["cdylib","rlib"],"name":"p","src_path":"/w/p/src/lib.rs","edition":"2021","doc":true,"doctest":true,"test":true},"profile":{"opt_level":"0","debuginfo":2,"debug_assertions":true,"overflow_checks":true,"test":false},"features":[],"filenames":["/t/debug/libp.so","/t/debug/libp.rlib"],"executable":null,"fresh":false}"#,
             r#"{"reason":"build-finished","success":true}"#,
         ];
         let built = find_artifact(lines).unwrap();
