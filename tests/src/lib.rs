@@ -194,30 +194,22 @@ impl Scratch {
         let from = root().join(source);
         copy_dir(&from.join("src"), &dir.path().join("src"));
         let manifest = std::fs::read_to_string(from.join("Cargo.toml")).unwrap();
-        let api = root().join("plugin-api");
-        let mut out = String::new();
-        for line in manifest.lines() {
-            let line = if line.starts_with("name = ") {
-                format!("name = \"{package}\"")
-            } else if line.contains(".workspace = true") {
-                match line.split('.').next().unwrap() {
-                    "version" => "version = \"0.1.0\"".into(),
-                    "edition" => "edition = \"2021\"".into(),
-                    _ => continue,
-                }
-            } else if line.starts_with("keepwarm-api") {
-                format!(
-                    "keepwarm-api = {{ path = {:?} }}",
-                    api.display().to_string()
-                )
-            } else {
-                line.to_owned()
-            };
-            out.push_str(&line);
-            out.push('\n');
+        let mut doc: toml_edit::DocumentMut =
+            manifest.parse().expect("the crate's Cargo.toml parses");
+        let pkg = doc["package"].as_table_mut().expect("a [package] table");
+        pkg.insert("name", toml_edit::value(package));
+        // Outside the workspace: no inherited fields.
+        pkg.insert("version", toml_edit::value("0.1.0"));
+        pkg.insert("edition", toml_edit::value("2021"));
+        for inherited in ["license", "repository", "rust-version"] {
+            pkg.remove(inherited);
         }
-        out.push_str("\n[workspace]\n");
-        std::fs::write(dir.path().join("Cargo.toml"), out).unwrap();
+        let api = root().join("plugin-api");
+        let mut dep = toml_edit::InlineTable::new();
+        dep.insert("path", api.display().to_string().into());
+        doc["dependencies"]["keepwarm-api"] = toml_edit::value(dep);
+        doc["workspace"] = toml_edit::table();
+        std::fs::write(dir.path().join("Cargo.toml"), doc.to_string()).unwrap();
         // The workspace's lock file pins the same dependency versions, so the
         // shared target directory's artifacts are reused.
         let _ = std::fs::copy(root().join("Cargo.lock"), dir.path().join("Cargo.lock"));
@@ -225,6 +217,17 @@ impl Scratch {
             dir,
             package: package.to_owned(),
         }
+    }
+
+    /// Adds `[dependencies] NAME = SPEC` (SPEC in TOML, e.g.
+    /// `{ version = "1", features = ["derive"] }`) to the copy's manifest.
+    pub fn add_dependency(&self, name: &str, spec: &str) {
+        let path = self.dir.path().join("Cargo.toml");
+        let mut doc: toml_edit::DocumentMut =
+            std::fs::read_to_string(&path).unwrap().parse().unwrap();
+        let value: toml_edit::Value = spec.parse().expect("a TOML value");
+        doc["dependencies"][name] = toml_edit::Item::Value(value);
+        std::fs::write(path, doc.to_string()).unwrap();
     }
 
     /// The crate's directory.

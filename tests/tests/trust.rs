@@ -351,16 +351,7 @@ pub fn halve(x: f64) -> f64 { x / 2.0 }
 fn a_value_of_another_shape_is_never_served() {
     use keepwarm_tests::Scratch;
     let plugin = Scratch::copy_of("example-plugin", "kw_trust_shape");
-    let manifest = plugin.dir().join("Cargo.toml");
-    let text = std::fs::read_to_string(&manifest).unwrap();
-    std::fs::write(
-        &manifest,
-        text.replace(
-            "[dependencies]\n",
-            "[dependencies]\nserde = { version = \"1\", features = [\"derive\"] }\n",
-        ),
-    )
-    .unwrap();
+    plugin.add_dependency("serde", r#"{ version = "1", features = ["derive"] }"#);
     plugin.edit(|s| {
         s.replace(
             "keepwarm_api::plugin!",
