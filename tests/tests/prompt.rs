@@ -38,6 +38,7 @@ command(b"call fi\t", b"call fib")          # completes the function name
 command(b"20\r", b"6765")
 command(b"rel\t\r", b"generation 2")           # completes the command: reload
 command(b"help\r", b"Call an exported plugin function")
+command(b'call square {"x": 1}\r', b"argument 1 ({")   # JSON with spaces: one argument
 command(b"stats\r", b"evictions")
 command(b"reset square\r", b"entry dropped")
 command(b"call square 10\r", b"[gen 2] Squaring 10")

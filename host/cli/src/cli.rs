@@ -111,20 +111,25 @@ fn parse_cache_bound(s: &str) -> Result<(String, Bounds), String> {
 pub enum ControlCommand {
     /// Call an exported plugin function and print its result as JSON
     #[command(
-        after_help = "Each ARG that parses as JSON is that value, otherwise a string.\n\
-Example:\n  keepwarm call square 10      # prints 100\n  keepwarm call version        # prints \"v1\""
+        after_help = "Each ARG that parses as JSON is that value, otherwise a string. Options \
+(--socket, --timeout) may come anywhere; after `--` every word is an argument, even one that \
+starts with a dash.\n\
+Example:\n  keepwarm call square 10      # prints 100\n  keepwarm call version        # prints \"v1\"\n  keepwarm call greet -- --loud"
     )]
     Call {
         /// The function's name
         function: String,
-        /// Its arguments
-        #[arg(allow_hyphen_values = true)]
+        /// Its arguments (negative numbers are arguments; put `--` before others that start with `-`)
+        #[arg(allow_negative_numbers = true)]
         args: Vec<String>,
     },
     /// Drop the entries of one named cache, or of all
-    #[command(after_help = "Example:\n  keepwarm reset square\n  keepwarm reset --all")]
+    #[command(
+        after_help = "Example:\n  keepwarm reset square\n  keepwarm reset --all",
+        override_usage = "keepwarm reset <CACHE>\n       keepwarm reset --all"
+    )]
     Reset {
-        /// The cache
+        /// The cache (or --all for every cache)
         #[arg(required_unless_present = "all", conflicts_with = "all")]
         cache: Option<String>,
         /// Reset every cache

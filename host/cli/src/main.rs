@@ -86,6 +86,11 @@ fn client_error(e: &ClientError) -> i32 {
 }
 
 fn run(args: RunArgs, socket: Option<std::path::PathBuf>) -> anyhow::Result<()> {
+    for library in &args.libraries {
+        if let Some(problem) = misspelt(library) {
+            anyhow::bail!(problem);
+        }
+    }
     let mut libraries = args.libraries.into_iter();
     let first = libraries.next().expect("clap requires one LIB");
     let mut config = Config::new(&first);
@@ -127,5 +132,56 @@ fn dev(args: DevArgs, socket: Option<std::path::PathBuf>) -> anyhow::Result<()> 
         // The watch lives as long as the process.
         std::mem::forget(watcher);
         Ok(())
+    })
+}
+
+/// What is wrong with a library path that does not name a file, when a
+/// likely intended one exists: `libexample-plugin.so` where cargo wrote
+/// `libexample_plugin.so`, or a crate directory instead of its built
+/// library. `None` otherwise (a missing file is waited for: `cargo clean`,
+/// or a first build still to come).
+fn misspelt(library: &std::path::Path) -> Option<String> {
+    if library.is_dir() {
+        let manifest = std::fs::read_to_string(library.join("Cargo.toml")).ok();
+        let name = manifest.as_deref().and_then(|m| {
+            m.lines()
+                .find_map(|l| l.trim().strip_prefix("name = "))
+                .map(|n| n.trim().trim_matches('"').replace('-', "_"))
+        });
+        let built = name.and_then(|name| {
+            let file = format!("lib{name}.so");
+            // The crate's own target directory, or a workspace's above it.
+            let dir = std::path::absolute(library).ok()?;
+            dir.ancestors()
+                .map(|d| d.join("target/debug").join(&file))
+                .find(|p| p.is_file())
+        });
+        return Some(match built {
+            Some(built) => format!(
+                "{} is a directory, not a library; did you mean {}?",
+                library.display(),
+                built.display()
+            ),
+            None => format!(
+                "{} is a directory, not a library; pass the built library (target/debug/libNAME.so after cargo build)",
+                library.display()
+            ),
+        });
+    }
+    if library.exists() {
+        return None;
+    }
+    let name = library.file_name()?.to_str()?;
+    let fixed = name.replace('-', "_");
+    if fixed == name {
+        return None;
+    }
+    let candidate = library.with_file_name(fixed);
+    candidate.is_file().then(|| {
+        format!(
+            "no such file {}; did you mean {}? (cargo turns - into _ in library names)",
+            library.display(),
+            candidate.display()
+        )
     })
 }

@@ -118,7 +118,7 @@ fn history_path() -> Option<std::path::PathBuf> {
 
 /// Runs one prompt line; returns false when the user asked to leave.
 pub fn run_line(host: &Host, line: &str) -> bool {
-    let Some(words) = shlex::split(line) else {
+    let Some(words) = call_words(line).or_else(|| shlex::split(line)) else {
         crate::output::err(&format!("unbalanced quotes in: {line}"));
         return true;
     };
@@ -247,4 +247,47 @@ pub fn run(host: Arc<Host>) -> anyhow::Result<()> {
         let _ = editor.save_history(h);
     }
     Ok(())
+}
+
+/// `call FN ARGS` where ARGS is a sequence of JSON values (`call area
+/// {"w": 2, "h": 3}`): the words for the parser, one per value, so that JSON
+/// with spaces stays one argument. `None` when the rest of the line is not
+/// all JSON: it is then split like a shell command.
+fn call_words(line: &str) -> Option<Vec<String>> {
+    let rest = line.trim_start().strip_prefix("call")?;
+    if !rest.starts_with(char::is_whitespace) {
+        return None;
+    }
+    let rest = rest.trim_start();
+    let (function, args) = rest.split_once(char::is_whitespace)?;
+    if function.starts_with('-') || args.trim().is_empty() {
+        return None;
+    }
+    let values: Vec<serde_json::Value> = serde_json::Deserializer::from_str(args)
+        .into_iter::<serde_json::Value>()
+        .collect::<Result<_, _>>()
+        .ok()?;
+    let mut words = vec!["call".to_owned(), function.to_owned(), "--".to_owned()];
+    words.extend(values.iter().map(|v| v.to_string()));
+    Some(words)
+}
+
+#[cfg(test)]
+mod call_words_tests {
+    use super::call_words;
+
+    #[test]
+    fn json_with_spaces_is_one_argument_and_words_fall_back_to_shell_rules() {
+        assert_eq!(
+            call_words(r#"call area {"w": 2, "h": 3}"#).unwrap(),
+            ["call", "area", "--", r#"{"h":3,"w":2}"#]
+        );
+        assert_eq!(
+            call_words(r#"call greet "you" 3"#).unwrap(),
+            ["call", "greet", "--", "\"you\"", "3"]
+        );
+        assert_eq!(call_words("call greet you"), None, "not JSON: shell words");
+        assert_eq!(call_words("call version"), None);
+        assert_eq!(call_words("caller x 1"), None);
+    }
 }
