@@ -5,12 +5,14 @@
 
 use std::process::Command;
 
-use keepwarm_tests::{built_library, keepwarm_bin, root, HostProcess};
+use keepwarm_tests::{built_library, keepwarm_bin, root, target_dir, HostProcess};
 
 fn keepwarm(args: &[&str]) -> (Option<i32>, String, String) {
     let out = Command::new(keepwarm_bin())
         .args(args)
         .env("XDG_RUNTIME_DIR", tempfile::tempdir().unwrap().path())
+        // Where this run's builds are, as a user's environment would say.
+        .env("CARGO_TARGET_DIR", target_dir())
         .output()
         .unwrap();
     (
@@ -64,7 +66,8 @@ fn a_misspelt_library_or_a_crate_directory_gets_a_suggestion() {
     let (status, _, stderr) = keepwarm(&["run", crate_dir.to_str().unwrap(), "--no-repl"]);
     assert_eq!(status, Some(1), "{stderr}");
     assert!(
-        stderr.contains("is a directory") && stderr.contains("libexample_plugin.so"),
+        stderr.contains("is a directory")
+            && stderr.contains(&format!("did you mean {}", built.display())),
         "{stderr}"
     );
 }

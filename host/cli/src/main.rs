@@ -150,10 +150,15 @@ fn misspelt(library: &std::path::Path) -> Option<String> {
         });
         let built = name.and_then(|name| {
             let file = format!("lib{name}.so");
-            // The crate's own target directory, or a workspace's above it.
+            // $CARGO_TARGET_DIR, else the crate's own target directory or
+            // a workspace's above it.
             let dir = std::path::absolute(library).ok()?;
-            dir.ancestors()
-                .map(|d| d.join("target/debug").join(&file))
+            let configured = std::env::var_os("CARGO_TARGET_DIR")
+                .and_then(|t| std::path::absolute(std::path::PathBuf::from(t)).ok());
+            configured
+                .into_iter()
+                .chain(dir.ancestors().map(|d| d.join("target")))
+                .map(|t| t.join("debug").join(&file))
                 .find(|p| p.is_file())
         });
         return Some(match built {
