@@ -21,14 +21,14 @@ lint:
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
-## watch: rebuild the example plugin on every source change (cargo-watch if
-## installed; else `keepwarm dev`, which also serves it: then skip `make run`)
+## watch: rebuild the example plugin on every source change, beside `make run`
+## (cargo-watch if installed; else `keepwarm dev --build-only`, which serves nothing)
 watch:
 	@if $(CARGO) watch --version >/dev/null 2>&1; then \
 		$(CARGO) watch -w example-plugin -w plugin-api -x 'build -p example-plugin'; \
 	else \
-		echo "cargo-watch is not installed (cargo install cargo-watch); running keepwarm dev instead"; \
-		$(CARGO) build -p keepwarm-cli && ./target/debug/keepwarm dev -p example-plugin; \
+		echo "cargo-watch is not installed (cargo install cargo-watch); rebuilding with keepwarm dev --build-only (the host of make run reloads each build)"; \
+		$(CARGO) build -p keepwarm-cli && ./target/debug/keepwarm dev -p example-plugin --build-only; \
 	fi
 
 ## bench: criterion benchmarks (cache cost, memoized fib, reload latency); see BENCHMARKS.md

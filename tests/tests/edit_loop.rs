@@ -70,3 +70,47 @@ fn dev_rebuilds_on_edit_and_survives_a_compile_error() {
     );
     assert_eq!(host.count("reloaded"), 2, "{:?}", host.lines());
 }
+
+/// `keepwarm dev --build-only` (what `make watch` falls back to) rebuilds
+/// on edits and serves nothing, so it sits beside the host that serves the
+/// library, which reloads each build (issue 16, row 10).
+#[test]
+fn dev_build_only_rebuilds_beside_a_serving_host() {
+    use std::io::{BufRead, BufReader};
+    let plugin = Scratch::copy_of("example-plugin", "kw_dev_build_only");
+    let target = scratch_target_dir();
+    let mut dev = std::process::Command::new(keepwarm_tests::keepwarm_bin())
+        .args(["dev", "--build-only"])
+        .current_dir(plugin.dir())
+        .env("CARGO_TARGET_DIR", &target)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let (tx, lines) = std::sync::mpsc::channel();
+    let stdout = dev.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let wait = |needle: &str| loop {
+        let line = lines
+            .recv_timeout(keepwarm_tests::WAIT)
+            .unwrap_or_else(|_| panic!("keepwarm dev never printed {needle:?}"));
+        if line.contains(needle) {
+            return line;
+        }
+    };
+    wait("rebuilding only");
+    let host = HostProcess::start(&plugin.library(), &[]);
+    host.wait_for("generation 1 loaded");
+    assert_eq!(host.call("version", &[]), "v1");
+    plugin.edit(|src| src.replace(r#""v1""#, r#""v2""#));
+    wait("built in");
+    host.wait_for("generation 2 reloaded");
+    assert_eq!(host.call("version", &[]), "v2");
+    assert_eq!(host.count("another keepwarm host"), 0);
+    dev.kill().unwrap();
+    dev.wait().unwrap();
+}

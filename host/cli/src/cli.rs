@@ -74,6 +74,10 @@ pub struct DevArgs {
     /// Do not read commands from the terminal
     #[arg(long)]
     pub no_repl: bool,
+    /// Only rebuild on source changes; serve nothing (a `keepwarm run` on the
+    /// built library reloads each build)
+    #[arg(long, conflicts_with = "no_repl")]
+    pub build_only: bool,
     /// Bound a cache, as for `run`
     #[arg(long = "cache", value_name = "NAME=ENTRIES[:BYTES]", value_parser = parse_cache_bound)]
     pub caches: Vec<(String, Bounds)>,

@@ -129,7 +129,7 @@ pub fn build(spec: &BuildSpec, print: &(dyn Fn(&str) + Sync)) -> anyhow::Result<
 pub fn watch_and_rebuild(
     spec: BuildSpec,
     built: &Built,
-    host: Arc<Host>,
+    host: Option<Arc<Host>>,
 ) -> anyhow::Result<notify::RecommendedWatcher> {
     let dir = built.package_dir.clone();
     let (tx, rx) = mpsc::channel::<()>();
@@ -175,12 +175,17 @@ pub fn watch_and_rebuild(
                             "keepwarm dev: built in {:.1} s",
                             started.elapsed().as_secs_f64()
                         )),
-                        Err(e) => {
-                            let serving = host.current().map_or(0, |g| g.number);
-                            crate::output::say(&format!(
-                                "keepwarm dev: {e:#}; generation {serving} keeps serving"
-                            ));
-                        }
+                        Err(e) => match &host {
+                            Some(host) => {
+                                let serving = host.current().map_or(0, |g| g.number);
+                                crate::output::say(&format!(
+                                    "keepwarm dev: {e:#}; generation {serving} keeps serving"
+                                ));
+                            }
+                            None => crate::output::say(&format!(
+                                "keepwarm dev: {e:#}; the last good build stays in place"
+                            )),
+                        },
                     }
                     // Changes made during the build: one more build, not one per change.
                     let mut again = false;

@@ -114,6 +114,19 @@ fn dev(args: DevArgs, socket: Option<std::path::PathBuf>) -> anyhow::Result<()> 
     };
     crate::output::out("keepwarm dev: building…");
     let built = crate::dev::build(&spec, &|line| crate::output::err(line))?;
+    if args.build_only {
+        // Rebuild only: the host that serves the library (`keepwarm run`,
+        // `make run`) reloads each build; nothing here to shut down.
+        let _watcher = crate::dev::watch_and_rebuild(spec, &built, None)?;
+        crate::output::out(&format!(
+            "keepwarm dev: built {}; watching {} for changes (rebuilding only)",
+            built.library.display(),
+            built.package_dir.display()
+        ));
+        loop {
+            std::thread::park();
+        }
+    }
     let mut config = Config::new(&built.library);
     config.cache_bounds = args.caches.into_iter().collect();
     config.events = Some(crate::output::event_sink());
@@ -124,7 +137,8 @@ fn dev(args: DevArgs, socket: Option<std::path::PathBuf>) -> anyhow::Result<()> 
         no_repl: args.no_repl,
     }
     .run(|host| {
-        let watcher = crate::dev::watch_and_rebuild(spec, &built, std::sync::Arc::clone(host))?;
+        let watcher =
+            crate::dev::watch_and_rebuild(spec, &built, Some(std::sync::Arc::clone(host)))?;
         crate::output::say(&format!(
             "keepwarm dev: watching {} for changes",
             built.package_dir.display()
