@@ -71,3 +71,28 @@ fn a_misspelt_library_or_a_crate_directory_gets_a_suggestion() {
         "{stderr}"
     );
 }
+
+/// `keepwarm dev` at the root of a workspace with several `cdylib` packages
+/// refuses at once and lists them, instead of building one of its own
+/// choosing (issue 16, row 1).
+#[test]
+fn dev_at_a_workspace_root_with_several_cdylibs_asks_for_one() {
+    let out = Command::new(keepwarm_bin())
+        .args(["dev", "--no-repl"])
+        .current_dir(root())
+        .env("XDG_RUNTIME_DIR", tempfile::tempdir().unwrap().path())
+        .env("CARGO_TARGET_DIR", target_dir())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("several cdylib packages: ")
+            && stderr.contains("example-plugin")
+            && stderr.contains("swap_a")
+            && stderr.contains("pass -p NAME"),
+        "{stderr}"
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!stdout.contains("building"), "nothing was built: {stdout}");
+}

@@ -74,6 +74,64 @@ pub fn find_artifact<'a>(lines: impl IntoIterator<Item = &'a str>) -> Option<Bui
     found
 }
 
+/// The package `keepwarm dev` builds when no `-p` is given, from `cargo
+/// metadata`: the package whose directory holds `dir` (the crate you are
+/// in), else the one workspace default member with a `cdylib`, else the one
+/// `cdylib` package of the workspace. Several candidates are an error that
+/// lists them, so the choice is never cargo's or ours.
+pub fn pick_package(dir: &Path) -> anyhow::Result<Option<String>> {
+    use cargo_metadata::{CrateType, MetadataCommand};
+    let metadata = MetadataCommand::new()
+        .current_dir(dir)
+        .no_deps()
+        .exec()
+        .context("running cargo metadata")?;
+    let is_cdylib = |p: &cargo_metadata::Package| {
+        p.targets
+            .iter()
+            .any(|t| t.crate_types.contains(&CrateType::CDyLib))
+    };
+    let members: Vec<&cargo_metadata::Package> = metadata.workspace_packages();
+    let dir = std::path::absolute(dir)?;
+    // The innermost package directory containing `dir`.
+    if let Some(here) = members
+        .iter()
+        .filter(|p| {
+            p.manifest_path
+                .parent()
+                .is_some_and(|d| dir.starts_with(d.as_std_path()))
+        })
+        .max_by_key(|p| p.manifest_path.as_str().len())
+    {
+        if here.manifest_path.parent().map(|d| d.as_std_path())
+            != Some(metadata.workspace_root.as_std_path())
+            || is_cdylib(here)
+        {
+            return Ok(Some(here.name.to_string()));
+        }
+    }
+    let defaults: Vec<&&cargo_metadata::Package> = members
+        .iter()
+        .filter(|p| metadata.workspace_default_members.contains(&p.id) && is_cdylib(p))
+        .collect();
+    let all: Vec<&&cargo_metadata::Package> = members.iter().filter(|p| is_cdylib(p)).collect();
+    let only_default = metadata.workspace_default_members.len() < members.len();
+    match (only_default, defaults.as_slice(), all.as_slice()) {
+        (true, [one], _) | (_, _, [one]) => Ok(Some(one.name.to_string())),
+        (_, _, []) => bail!(
+            "no cdylib package in the workspace at {}; add `crate-type = [\"cdylib\"]` under [lib]",
+            metadata.workspace_root
+        ),
+        (_, _, several) => {
+            let names: Vec<String> = several.iter().map(|p| p.name.to_string()).collect();
+            bail!(
+                "several cdylib packages: {}; pass -p NAME (or run keepwarm dev in the crate's directory)",
+                names.join(", ")
+            )
+        }
+    }
+}
+
 /// Runs `cargo build --message-format=json-render-diagnostics`, sending the
 /// compiler's rendered output to `print`; returns the artifact, or an error
 /// when the build failed or produced no cdylib.

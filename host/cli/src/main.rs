@@ -107,10 +107,15 @@ fn run(args: RunArgs, socket: Option<std::path::PathBuf>) -> anyhow::Result<()> 
 }
 
 fn dev(args: DevArgs, socket: Option<std::path::PathBuf>) -> anyhow::Result<()> {
+    let dir = std::env::current_dir()?;
+    let package = match args.package {
+        Some(p) => Some(p),
+        None => crate::dev::pick_package(&dir)?,
+    };
     let spec = BuildSpec {
-        package: args.package,
+        package,
         release: args.release,
-        dir: std::env::current_dir()?,
+        dir,
     };
     crate::output::out("keepwarm dev: building…");
     let built = crate::dev::build(&spec, &|line| crate::output::err(line))?;
