@@ -107,6 +107,23 @@ pub struct CacheStats {
 }
 
 impl CacheStats {
+    /// The fields of the JSON object, in order.
+    pub const FIELDS: [&'static str; 13] = [
+        "name",
+        "entries",
+        "bytes",
+        "capacity",
+        "max_bytes",
+        "hits",
+        "misses",
+        "inserts",
+        "evictions",
+        "resets",
+        "stale_puts",
+        "shape_mismatch",
+        "expired",
+    ];
+
     /// The figures as the JSON object `keepwarm stats --json` prints.
     pub fn to_json(&self) -> serde_json::Value {
         serde_json::json!({
@@ -128,25 +145,7 @@ impl CacheStats {
 
     /// The figures from that JSON object (the newer figures default to 0).
     pub fn from_json(value: &serde_json::Value) -> Result<CacheStats, String> {
-        let o = crate::json::Object::new(
-            value,
-            "cache figures",
-            &[
-                "name",
-                "entries",
-                "bytes",
-                "capacity",
-                "max_bytes",
-                "hits",
-                "misses",
-                "inserts",
-                "evictions",
-                "resets",
-                "stale_puts",
-                "shape_mismatch",
-                "expired",
-            ],
-        )?;
+        let o = crate::json::Object::new(value, "cache figures", &CacheStats::FIELDS)?;
         Ok(CacheStats {
             name: o.str("name")?,
             entries: o.u64("entries")?,

@@ -262,22 +262,23 @@ struct Shared {
 
 impl Shared {
     fn emit(&self, event: &Event) {
-        let sink = self.events.read().clone();
-        if let Some(sink) = sink {
-            sink(event)
-        }
+        send(&self.events, event)
     }
 
     /// The sink the host tables of this host's generations report to (it
     /// follows [`Host::set_event_sink`]).
     fn sink(&self) -> EventSink {
         let events = Arc::clone(&self.events);
-        Arc::new(move |event| {
-            let sink = events.read().clone();
-            if let Some(sink) = sink {
-                sink(event)
-            }
-        })
+        Arc::new(move |event| send(&events, event))
+    }
+}
+
+/// Sends `event` to the sink in `events`, if there is one (no lock held
+/// while the sink runs).
+fn send(events: &RwLock<Option<EventSink>>, event: &Event) {
+    let sink = events.read().clone();
+    if let Some(sink) = sink {
+        sink(event)
     }
 }
 
@@ -701,18 +702,15 @@ impl Host {
         Ok(host)
     }
 
-    /// Adds the plugin library at `library` to the host and loads it (as
-    /// [`Plugin::reload`]); it shares the host's caches. Watch it with
-    /// [`crate::watcher::watch_plugin`] (or `watcher::watch`, which watches
-    /// every plugin).
+    /// Adds the plugin library at `library` to the host and loads it as the
+    /// first load of `keepwarm run` does ([`crate::watcher::load_initial`]:
+    /// a file still being written is waited out, a failure is reported as an
+    /// event and the plugin stays, waiting for a build that loads); it shares
+    /// the host's caches. Watch it with [`crate::watcher::watch_plugin`] (or
+    /// `watcher::watch`, which watches every plugin).
     pub fn load(&self, library: impl AsRef<Path>) -> crate::error::Result<Arc<Plugin>> {
         let plugin = self.add(library.as_ref())?;
-        if let Err(e) = plugin.reload(false) {
-            if !e.is_incomplete() && !e.is_transient() {
-                // Reported by reload as an event; the plugin stays, waiting
-                // for a build that loads.
-            }
-        }
+        crate::watcher::load_initial_plugin(&plugin);
         Ok(plugin)
     }
 
@@ -885,22 +883,18 @@ impl Host {
     /// The plugin that answers `function` (`FN` or `PLUGIN::FN`).
     fn route(&self, function: &str) -> Result<Arc<Plugin>, CallError> {
         let plugins = self.plugins();
-        if let Some((wanted, name)) = function.split_once("::") {
-            return plugins
+        if let Some((wanted, _)) = function.split_once("::") {
+            let plugin = plugins
                 .into_iter()
                 .find(|p| p.name() == wanted)
                 .ok_or_else(|| CallError::UnknownFunction {
                     name: function.to_owned(),
                     available: self.function_names(),
-                })
-                .and_then(|p| {
-                    if p.current().is_some() {
-                        Ok(p)
-                    } else {
-                        let _ = name;
-                        Err(CallError::NotLoaded)
-                    }
-                });
+                })?;
+            return match plugin.current() {
+                Some(_) => Ok(plugin),
+                None => Err(CallError::NotLoaded),
+            };
         }
         if plugins.len() == 1 {
             return Ok(Arc::clone(&plugins[0]));

@@ -444,7 +444,8 @@ pub fn load_initial(host: &Host) {
     }
 }
 
-fn load_initial_plugin(host: &Plugin) {
+/// [`load_initial`] of one plugin.
+pub(crate) fn load_initial_plugin(host: &Plugin) {
     let started = Instant::now();
     loop {
         match host.reload(false) {
