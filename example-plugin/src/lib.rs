@@ -50,7 +50,9 @@ pub fn fib(n: u64) -> Result<u64, String> {
 }
 
 /// `count_primes(n)`: the number of primes below `n`, by a sieve of
-/// Eratosthenes, memoized in the cache `count_primes`.
+/// Eratosthenes, memoized in the cache `count_primes`. It reports its
+/// progress (`keepwarm status` shows it; `keepwarm call` draws a bar on a
+/// terminal): try `count_primes 400000000`.
 #[export]
 #[memo(max_entries = 1_000)]
 pub fn count_primes(n: u64) -> Result<u64, String> {
@@ -63,7 +65,11 @@ pub fn count_primes(n: u64) -> Result<u64, String> {
     }
     let mut composite = vec![false; n];
     let mut count = 0;
+    keepwarm_api::progress(0, n as u64);
     for i in 2..n {
+        if i % (1 << 20) == 0 {
+            keepwarm_api::progress(i as u64, n as u64);
+        }
         if !composite[i] {
             count += 1;
             let mut j = i * i;

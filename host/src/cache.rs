@@ -104,11 +104,18 @@ pub struct CacheStats {
     /// Lookups that found their key older than the handle's time to live:
     /// counted as misses too; the entry is dropped.
     pub expired: u64,
+    /// Nanoseconds the misses spent computing (the plugin's code, timed by
+    /// the host; for memoized recursion, each level's own time).
+    pub compute_ns: u64,
+    /// Nanoseconds the hits saved: for each hit, the time its entry took
+    /// to compute (exact per entry; entries stored with `host_cache_put`
+    /// carry no time and save 0).
+    pub saved_ns: u64,
 }
 
 impl CacheStats {
     /// The fields of the JSON object, in order.
-    pub const FIELDS: [&'static str; 13] = [
+    pub const FIELDS: [&'static str; 15] = [
         "name",
         "entries",
         "bytes",
@@ -122,6 +129,8 @@ impl CacheStats {
         "stale_puts",
         "shape_mismatch",
         "expired",
+        "compute_s",
+        "saved_s",
     ];
 
     /// The figures as the JSON object `keepwarm stats --json` prints.
@@ -140,6 +149,8 @@ impl CacheStats {
             "stale_puts": self.stale_puts,
             "shape_mismatch": self.shape_mismatch,
             "expired": self.expired,
+            "compute_s": seconds(self.compute_ns),
+            "saved_s": seconds(self.saved_ns),
         })
     }
 
@@ -160,7 +171,24 @@ impl CacheStats {
             stale_puts: o.u64_or_0("stale_puts")?,
             shape_mismatch: o.u64_or_0("shape_mismatch")?,
             expired: o.u64_or_0("expired")?,
+            compute_ns: nanos(o.opt_f64("compute_s")?.unwrap_or(0.0)),
+            saved_ns: nanos(o.opt_f64("saved_s")?.unwrap_or(0.0)),
         })
+    }
+}
+
+/// Nanoseconds as seconds, rounded to the microsecond (as `--json` prints
+/// them).
+fn seconds(ns: u64) -> f64 {
+    (ns / 1_000) as f64 / 1e6
+}
+
+/// Seconds as nanoseconds (negative or non-finite: 0).
+fn nanos(s: f64) -> u64 {
+    if s.is_finite() && s > 0.0 {
+        (s * 1e9).round() as u64
+    } else {
+        0
     }
 }
 
@@ -195,6 +223,8 @@ struct Slot {
     value: Arc<[u8]>,
     /// Nanoseconds since [`clock_origin`] when the value was stored.
     born: u64,
+    /// Nanoseconds the value took to compute (0: stored by a put).
+    cost: u64,
 }
 
 /// The origin of the entries' timestamps.
@@ -244,6 +274,8 @@ struct Inner {
     stale_puts: u64,
     shape_mismatch: u64,
     expired: u64,
+    compute_ns: u64,
+    saved_ns: u64,
     code_hash: u64,
     /// Bumped by every reset: a computation that started before a reset
     /// must not store its (stale) value after it.
@@ -294,6 +326,13 @@ pub fn entry_bytes(key: &[u8], value: &[u8]) -> u64 {
     const NODE: usize = 48;
     const SLOT: u64 = 32;
     chunk(key.len()) + chunk(16 + value.len()) + chunk(NODE) + SLOT
+}
+
+thread_local! {
+    /// Nanoseconds spent by the computations nested in this thread's
+    /// current one (memoized recursion), so that each level counts only its
+    /// own time in `compute_ns`.
+    static NESTED_NS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
 }
 
 /// A computation in progress for one key: the thread computing it, and
@@ -363,6 +402,8 @@ impl Cache {
                 stale_puts: 0,
                 shape_mismatch: 0,
                 expired: 0,
+                compute_ns: 0,
+                saved_ns: 0,
                 code_hash: 0,
                 epoch: 0,
             }),
@@ -381,7 +422,9 @@ impl Cache {
         match inner.lru.get(key) {
             Some(slot) => {
                 let v = Arc::clone(&slot.value);
+                let cost = slot.cost;
                 inner.hits += 1;
+                inner.saved_ns += cost;
                 Some(v)
             }
             None => {
@@ -405,7 +448,7 @@ impl Cache {
         let mut inner = self.inner.lock();
         let slot = match inner.lru.get(key) {
             Some(slot) => match slot.fits(want) {
-                Ok(()) => Some(&slot.value),
+                Ok(()) => Some((&slot.value, slot.cost)),
                 Err(why) => {
                     inner.refuse(key, why);
                     return Found::Miss;
@@ -413,7 +456,8 @@ impl Cache {
             },
             None => None,
         };
-        let found = match slot {
+        let cost = slot.map_or(0, |(_, c)| c);
+        let found = match slot.map(|(v, _)| v) {
             Some(v) if v.len() <= buf.len() => {
                 // SAFETY: `v` holds v.len() readable bytes, `buf` has room for
                 // at least that many, and the two cannot overlap (`buf` is
@@ -428,7 +472,10 @@ impl Cache {
         };
         match found {
             Found::Miss => inner.misses += 1,
-            _ => inner.hits += 1,
+            _ => {
+                inner.hits += 1;
+                inner.saved_ns += cost;
+            }
         }
         found
     }
@@ -437,7 +484,7 @@ impl Cache {
     /// the bounds hold again.
     pub fn put(&self, key: &[u8], value: &[u8]) -> Result<(), PutError> {
         // Copy outside the lock: the critical section stays short.
-        self.store(key, Arc::from(value), None, 0)
+        self.store(key, Arc::from(value), None, 0, 0)
     }
 
     /// Stores `value` as computed by code of identity `identity` (the code
@@ -445,18 +492,20 @@ impl Cache {
     /// stored). A value whose identity is not the cache's current one is
     /// dropped and counted in `stale_puts`; `Ok` is returned either way.
     pub fn put_as(&self, key: &[u8], value: &[u8], identity: u64) -> Result<(), PutError> {
-        self.store(key, Arc::from(value), None, identity)
+        self.store(key, Arc::from(value), None, identity, 0)
     }
 
     /// Stores `value` unless the cache was reset since `epoch` (then the
     /// value is dropped and `Ok` returned: a reset wins over a computation
-    /// that started before it).
+    /// that started before it). `cost`: the nanoseconds it took to compute
+    /// (0 when unknown), counted in `compute_ns` and saved by each hit.
     fn store(
         &self,
         key: &[u8],
         value: Arc<[u8]>,
         epoch: Option<u64>,
         identity: u64,
+        cost: u64,
     ) -> Result<(), PutError> {
         let size = entry_bytes(key, &value);
         let mut inner = self.inner.lock();
@@ -473,6 +522,7 @@ impl Cache {
         let slot = Slot {
             value,
             born: now_ns(),
+            cost,
         };
         if let Some(old) = inner.lru.get_mut(key) {
             let old_size = entry_bytes(key, &old.value);
@@ -552,8 +602,10 @@ impl Cache {
                 if let Some(slot) = inner.lru.peek(key).filter(|s| s.fits(want).is_ok()) {
                     // Stored since this caller's lookup missed: a hit.
                     let v = Arc::clone(&slot.value);
+                    let cost = slot.cost;
                     inner.misses = inner.misses.saturating_sub(1);
                     inner.hits += 1;
+                    inner.saved_ns += cost;
                     return Computed::Value(v);
                 }
                 drop(inner);
@@ -575,12 +627,20 @@ impl Cache {
                 let compute = compute
                     .take()
                     .expect("a thread leads a flight at most once");
+                // The entry's cost is the whole time it took (what a hit
+                // saves); the cache's compute time counts only this level,
+                // so memoized recursion is not counted once per depth.
+                let outer = NESTED_NS.replace(0);
+                let started = Instant::now();
                 let result = compute();
+                let cost = (started.elapsed().as_nanos() as u64).max(1);
+                let nested = NESTED_NS.replace(outer + cost);
+                self.inner.lock().compute_ns += cost.saturating_sub(nested);
                 let value = match &result {
                     Ok(bytes) => {
                         let v: Arc<[u8]> = Arc::from(bytes.as_slice());
                         // Too large for the cache: the caller still gets it.
-                        let _ = self.store(key, Arc::clone(&v), Some(epoch), identity);
+                        let _ = self.store(key, Arc::clone(&v), Some(epoch), identity, cost);
                         Some(v)
                     }
                     Err(_) => None,
@@ -668,6 +728,8 @@ impl Cache {
             stale_puts: inner.stale_puts,
             shape_mismatch: inner.shape_mismatch,
             expired: inner.expired,
+            compute_ns: inner.compute_ns,
+            saved_ns: inner.saved_ns,
         }
     }
 }

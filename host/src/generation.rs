@@ -140,6 +140,15 @@ impl Generation {
             .collect()
     }
 
+    /// The exported functions with the signature text each declares.
+    pub fn function_signatures(&self) -> Vec<(String, Option<String>)> {
+        self.library
+            .functions
+            .iter()
+            .map(|f| (f.name.clone(), f.signature.clone()))
+            .collect()
+    }
+
     /// The library's declared caches.
     pub fn library(&self) -> &Library {
         &self.library

@@ -84,6 +84,10 @@ pub struct Status {
     pub pid: u32,
     /// Every plugin of the host (the fields above are the first one's).
     pub plugins: Vec<PluginStatus>,
+    /// The calls running now, oldest first.
+    pub calls_in_flight: Vec<crate::in_flight::CallInFlight>,
+    /// Each function of `functions` with its signature, in the same order.
+    pub signatures: Vec<crate::signature::Signature>,
 }
 
 /// One plugin's part of [`Status`].
@@ -181,6 +185,16 @@ impl Status {
             "loaded_at": self.loaded_at,
             "pid": self.pid,
             "plugins": self.plugins.iter().map(PluginStatus::to_json).collect::<Vec<_>>(),
+            "calls_in_flight": self
+                .calls_in_flight
+                .iter()
+                .map(crate::in_flight::CallInFlight::to_json)
+                .collect::<Vec<_>>(),
+            "signatures": self
+                .signatures
+                .iter()
+                .map(crate::signature::Signature::to_json)
+                .collect::<Vec<_>>(),
         })
     }
 
@@ -202,6 +216,8 @@ impl Status {
                 "loaded_at",
                 "pid",
                 "plugins",
+                "calls_in_flight",
+                "signatures",
             ],
         )?;
         Ok(Status {
@@ -220,6 +236,16 @@ impl Status {
                 .array_or_empty("plugins")?
                 .iter()
                 .map(PluginStatus::from_json)
+                .collect::<Result<_, _>>()?,
+            calls_in_flight: o
+                .array_or_empty("calls_in_flight")?
+                .iter()
+                .map(crate::in_flight::CallInFlight::from_json)
+                .collect::<Result<_, _>>()?,
+            signatures: o
+                .array_or_empty("signatures")?
+                .iter()
+                .map(crate::signature::Signature::from_json)
                 .collect::<Result<_, _>>()?,
         })
     }
@@ -258,6 +284,8 @@ struct Shared {
     shadow_dir: crate::paths::ShadowDir,
     /// Successful loads of any plugin so far (see [`Host::loads`]).
     loads: std::sync::atomic::AtomicU64,
+    /// The calls running now.
+    calls: Arc<crate::in_flight::Calls>,
 }
 
 impl Shared {
@@ -626,6 +654,7 @@ impl Plugin {
         crate::threads::register_current();
         let generation = self.current().ok_or(CallError::NotLoaded)?;
         let args = serde_json::to_vec(args).expect("JSON values always serialize");
+        let _running = self.shared.calls.start(function, &args, generation.number);
         let bytes = generation.call(function, &args)?;
         serde_json::from_slice(&bytes).map_err(|e| {
             CallError::BadResult(format!(
@@ -693,6 +722,7 @@ impl Host {
             then: config.then,
             shadow_dir,
             loads: std::sync::atomic::AtomicU64::new(0),
+            calls: Arc::default(),
         });
         let host = Arc::new(Host {
             shared,
@@ -924,28 +954,43 @@ impl Host {
     /// Every exported function, as a call names it (`PLUGIN::FN` for the
     /// names several plugins export).
     pub fn function_names(&self) -> Vec<String> {
+        self.signatures().into_iter().map(|s| s.function).collect()
+    }
+
+    /// Every exported function with its signature, named as in
+    /// [`Host::function_names`].
+    pub fn signatures(&self) -> Vec<crate::signature::Signature> {
         let plugins = self.plugins();
-        let per: Vec<(String, Vec<String>)> = plugins
+        // Each plugin's name, and its functions with their signature text.
+        type Functions = Vec<(String, Option<String>)>;
+        let per: Vec<(String, Functions)> = plugins
             .iter()
             .map(|p| {
                 (
                     p.name(),
-                    p.current().map(|g| g.function_names()).unwrap_or_default(),
+                    p.current()
+                        .map(|g| g.function_signatures())
+                        .unwrap_or_default(),
                 )
             })
             .collect();
-        let mut names = Vec::new();
+        let mut all = Vec::new();
         for (plugin, functions) in &per {
-            for f in functions {
-                let shared = per.iter().filter(|(_, fs)| fs.contains(f)).count() > 1;
-                names.push(if shared {
+            for (f, text) in functions {
+                let shared = per
+                    .iter()
+                    .filter(|(_, fs)| fs.iter().any(|(g, _)| g == f))
+                    .count()
+                    > 1;
+                let name = if shared {
                     format!("{plugin}::{f}")
                 } else {
                     f.clone()
-                });
+                };
+                all.push(crate::signature::Signature::new(name, text.clone()));
             }
         }
-        names
+        all
     }
 
     /// Figures of every cache, or of one.
@@ -971,11 +1016,13 @@ impl Host {
     pub fn status(&self) -> Status {
         let plugins: Vec<PluginStatus> = self.plugins().iter().map(|p| p.status()).collect();
         let first = plugins[0].clone();
+        let signatures = self.signatures();
         Status {
             library: first.library,
             plugin: first.plugin,
             generation: first.generation,
-            functions: self.function_names(),
+            functions: signatures.iter().map(|s| s.function.clone()).collect(),
+            signatures,
             caches: self
                 .shared
                 .store
@@ -990,6 +1037,12 @@ impl Host {
             loaded_at: first.loaded_at,
             pid: std::process::id(),
             plugins,
+            calls_in_flight: self.calls_in_flight(),
         }
+    }
+
+    /// The calls running now, oldest first.
+    pub fn calls_in_flight(&self) -> Vec<crate::in_flight::CallInFlight> {
+        self.shared.calls.snapshot()
     }
 }

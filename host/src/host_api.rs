@@ -102,6 +102,7 @@ impl HostTable {
             cache_put_handle,
             cache_get_or_compute_into,
             cache_open_with,
+            progress,
         }));
         HostTable { table, context }
     }
@@ -621,6 +622,17 @@ unsafe extern "C" fn cache_reset(ctx: *mut c_void, cache: KwSlice) -> KwStatus {
         };
         ctx.store.cache(cache).reset();
         abi::KW_OK
+    })
+}
+
+/// `progress`: records `done` of `total` for the call on this thread.
+unsafe extern "C" fn progress(ctx: *mut c_void, done: u64, total: u64) {
+    boundary!((), {
+        // SAFETY: the plugin passes the ctx of its table (ABI contract).
+        if unsafe { retired(ctx) } {
+            return;
+        }
+        crate::in_flight::progress(done, total);
     })
 }
 

@@ -64,9 +64,11 @@ pub mod events;
 pub mod generation;
 pub mod host;
 pub mod host_api;
+pub mod in_flight;
 mod json;
 pub mod loader;
 pub mod paths;
+pub mod signature;
 pub mod threads;
 pub mod watcher;
 

@@ -441,6 +441,8 @@ pub struct Function {
     pub name: String,
     /// Its shell.
     pub call: unsafe extern "C" fn(abi::KwSlice, *mut KwOutput) -> KwStatus,
+    /// Its signature as the plugin describes it (`square(x: u64) -> u64`).
+    pub signature: Option<String>,
 }
 
 /// A cache a plugin declares.
@@ -585,20 +587,36 @@ impl Library {
         if version != abi::KW_ABI_VERSION {
             return Err(LoadError::AbiMismatch { plugin: version });
         }
-        if (size as usize) < std::mem::size_of::<KwPlugin>() {
+        if (size as usize) < abi::KW_PLUGIN_MIN_SIZE {
             return Err(LoadError::BadDescriptor(format!(
                 "descriptor of {size} bytes, ABI 1 needs at least {}",
-                std::mem::size_of::<KwPlugin>()
+                abi::KW_PLUGIN_MIN_SIZE
             )));
         }
-        // SAFETY: ABI 1 and large enough: a valid KwPlugin, static in the
-        // library, valid while `handle` stays open.
+        // SAFETY: ABI 1 and at least the fields every ABI 1 descriptor has;
+        // static in the library, valid while `handle` stays open. The
+        // fields appended since are read only below, when `size` covers
+        // them (read_unaligned through a raw pointer, never through `d`).
         let d: &KwPlugin = unsafe { &*descriptor };
+        let signatures: *const abi::KwSlice = if size as usize
+            >= std::mem::offset_of!(KwPlugin, signatures)
+                + std::mem::size_of::<*const abi::KwSlice>()
+        {
+            // SAFETY: `size` says the plugin's descriptor has this field.
+            unsafe { std::ptr::addr_of!((*descriptor).signatures).read_unaligned() }
+        } else {
+            std::ptr::null()
+        };
         // SAFETY: the descriptor's slices and arrays are static data of the
         // library (ABI contract), valid while `handle` stays open.
         let (name, functions, caches) = unsafe {
             let name = descriptor_str(d.name, "the plugin name")?;
             let fns: &[KwFunction] = descriptor_array(d.functions, d.function_count, "functions")?;
+            let signatures: &[abi::KwSlice] = if signatures.is_null() {
+                &[]
+            } else {
+                descriptor_array(signatures, d.function_count, "signatures")?
+            };
             let decls: &[KwCacheDecl] = descriptor_array(d.caches, d.cache_count, "caches")?;
             let mut functions = Vec::with_capacity(fns.len());
             for (i, f) in fns.iter().enumerate() {
@@ -608,7 +626,18 @@ impl Library {
                         "function {name:?} is exported twice"
                     )));
                 }
-                functions.push(Function { name, call: f.call });
+                let signature = match signatures.get(i) {
+                    Some(s) if s.len > 0 => Some(descriptor_str(
+                        *s,
+                        &format!("the signature of function {name}"),
+                    )?),
+                    _ => None,
+                };
+                functions.push(Function {
+                    name,
+                    call: f.call,
+                    signature,
+                });
             }
             let mut caches = Vec::with_capacity(decls.len());
             for (i, c) in decls.iter().enumerate() {

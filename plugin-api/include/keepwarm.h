@@ -382,6 +382,15 @@ typedef struct KwHostApi {
                               struct KwSlice name,
                               const struct KwOpenOptions *opts,
                               KwCacheHandle *out);
+  /**
+   * Reports the progress of the call running on the calling thread:
+   * `done` units of `total` (`total` 0: unknown). `keepwarm status`
+   * lists it with the call, and `keepwarm call` draws a progress bar from
+   * it on a terminal. Two relaxed stores: cheap enough for every step of a
+   * loop. Ignored on a thread that is not running a call (a thread the
+   * plugin started) and after the generation retired.
+   */
+  void (*progress)(void *ctx, uint64_t done, uint64_t total);
 } KwHostApi;
 
 /**

@@ -603,3 +603,29 @@ pub fn log_line(level: u32, message: &str) {
         None => eprintln!("{message}"),
     }
 }
+
+/// Reports the progress of the call this thread is running: `done` units
+/// of `total` (`total` 0 when unknown). `keepwarm status` shows it with the
+/// call and `keepwarm call` draws a progress bar from it on a terminal. It
+/// costs two relaxed stores in the host, so reporting every step of a loop
+/// is fine. Outside a call (a thread the plugin started), outside a host,
+/// or on a host too old to know it, it does nothing.
+///
+/// ```
+/// fn count_to(n: u64) -> u64 {
+///     for i in 0..n {
+///         keepwarm_api::progress(i, n);
+///     }
+///     n
+/// }
+/// assert_eq!(count_to(3), 3);
+/// ```
+pub fn progress(done: u64, total: u64) {
+    if let Some(host) = host() {
+        if has(host, core::mem::offset_of!(KwHostApi, progress)) {
+            // SAFETY: the table is the live host's (see `host()`) and its
+            // `size` covers `progress`.
+            unsafe { (host.progress)(host.ctx, done, total) }
+        }
+    }
+}

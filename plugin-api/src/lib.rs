@@ -65,7 +65,8 @@ mod shape;
 
 pub use error::Error;
 pub use host::{
-    generation, host_cache_get, host_cache_put, host_cache_reset, log_line, HostCache, Value,
+    generation, host_cache_get, host_cache_put, host_cache_reset, log_line, progress, HostCache,
+    Value,
 };
 pub use plugin::{cache, cached, ffi_boundary, panic_message, Args};
 
@@ -158,10 +159,46 @@ pub mod __private {
     }
     pub use linkme;
 
+    /// One function `#[export]` registers, with its signature.
+    pub struct Export {
+        /// The function as the descriptor lists it.
+        pub function: crate::abi::KwFunction,
+        /// `square(x: u64) -> u64`.
+        pub signature: crate::abi::KwSlice,
+    }
+
+    // SAFETY: immutable static data, as for KwFunction.
+    unsafe impl Sync for Export {}
+
     /// The functions `#[export]` registers, one link section per library.
     #[linkme::distributed_slice]
     #[linkme(crate = linkme)]
-    pub static EXPORTS: [crate::abi::KwFunction];
+    pub static EXPORTS: [Export];
+
+    /// The registered functions and their signatures as the descriptor's
+    /// two parallel arrays, built once (leaked: they live as long as the
+    /// library, which is what the descriptor requires).
+    pub fn exports() -> (
+        &'static [crate::abi::KwFunction],
+        &'static [crate::abi::KwSlice],
+    ) {
+        static BUILT: std::sync::OnceLock<(
+            &'static [crate::abi::KwFunction],
+            &'static [crate::abi::KwSlice],
+        )> = std::sync::OnceLock::new();
+        *BUILT.get_or_init(|| {
+            let functions: Vec<crate::abi::KwFunction> = EXPORTS
+                .iter()
+                .map(|e| crate::abi::KwFunction {
+                    name: e.function.name,
+                    call: e.function.call,
+                })
+                .collect();
+            let signatures: Vec<crate::abi::KwSlice> =
+                EXPORTS.iter().map(|e| e.signature).collect();
+            (functions.leak(), signatures.leak())
+        })
+    }
 
     /// The caches `#[memo]` declares.
     #[linkme::distributed_slice]
@@ -250,7 +287,7 @@ macro_rules! plugin {
             #[unsafe(no_mangle)]
             pub extern "C" fn keepwarm_plugin() -> *const __kw::KwPlugin {
                 DESCRIPTOR.get_or_init(|| {
-                    let functions = &$crate::__private::EXPORTS;
+                    let (functions, signatures) = $crate::__private::exports();
                     let caches = &$crate::__private::MEMO_CACHES;
                     __kw::KwPlugin {
                         abi_version: __kw::KW_ABI_VERSION,
@@ -262,6 +299,7 @@ macro_rules! plugin {
                         cache_count: caches.len(),
                         on_load: Some(on_load),
                         on_unload: Some(on_unload),
+                        signatures: signatures.as_ptr(),
                     }
                 })
             }
@@ -321,6 +359,7 @@ macro_rules! plugin {
                 cache_count: CACHES.len(),
                 on_load: Some(on_load),
                 on_unload: Some(on_unload),
+                signatures: ::core::ptr::null(),
             };
 
             #[unsafe(no_mangle)]

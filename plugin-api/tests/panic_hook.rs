@@ -113,6 +113,8 @@ unsafe extern "C" fn get_or_compute_into(
     abi::KW_INVALID_ARGUMENT
 }
 
+unsafe extern "C" fn progress(_: *mut c_void, _: u64, _: u64) {}
+
 fn table() -> &'static KwHostApi {
     Box::leak(Box::new(KwHostApi {
         abi_version: abi::KW_ABI_VERSION,
@@ -130,6 +132,7 @@ fn table() -> &'static KwHostApi {
         cache_put_handle: put_handle,
         cache_get_or_compute_into: get_or_compute_into,
         cache_open_with: open_with,
+        progress,
     }))
 }
 

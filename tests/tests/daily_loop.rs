@@ -96,3 +96,145 @@ fn dev_at_a_workspace_root_with_several_cdylibs_asks_for_one() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(!stdout.contains("building"), "nothing was built: {stdout}");
 }
+
+/// Rows 6, 8 and 9: `status --json` gives each function its signature and
+/// lists the calls running, with the progress the plugin reports; rows 7:
+/// `stats` shows the time hits saved.
+#[test]
+fn status_shows_signatures_and_calls_in_flight_and_stats_the_time_saved() {
+    let host = HostProcess::start(&built_library("example-plugin"), &[]);
+    host.wait_for("generation 1 loaded");
+
+    let status = host.status();
+    let square = status["signatures"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["function"] == "square")
+        .unwrap_or_else(|| panic!("no signature for square: {status}"))
+        .clone();
+    assert_eq!(square["signature"], "square(x: u64) -> u64");
+    assert_eq!(
+        square["args"],
+        serde_json::json!([{"name": "x", "type": "u64"}])
+    );
+    assert_eq!(square["returns"], "u64");
+    assert_eq!(status["calls_in_flight"], serde_json::json!([]));
+
+    // A long call, piped (no terminal): it prints its result and nothing else.
+    let socket = host.socket().to_owned();
+    let runtime = host.runtime_dir().to_owned();
+    let long = std::thread::spawn(move || {
+        Command::new(keepwarm_bin())
+            .args([
+                "--socket",
+                socket.to_str().unwrap(),
+                "call",
+                "count_primes",
+                "30000000",
+            ])
+            .env("XDG_RUNTIME_DIR", runtime)
+            .output()
+            .unwrap()
+    });
+    let mut seen = serde_json::Value::Null;
+    keepwarm_tests::eventually("the call is listed with its progress", || {
+        let status = host.status();
+        match status["calls_in_flight"].as_array().and_then(|c| c.first()) {
+            Some(call) if !call["progress"].is_null() => {
+                seen = call.clone();
+                true
+            }
+            _ => false,
+        }
+    });
+    assert_eq!(seen["function"], "count_primes", "{seen}");
+    assert_eq!(seen["args"], "30000000", "{seen}");
+    assert_eq!(seen["generation"], 1, "{seen}");
+    assert_eq!(seen["progress"]["total"], 30000000, "{seen}");
+    assert!(seen["seconds"].as_f64().unwrap() >= 0.0, "{seen}");
+    assert!(seen["tag"].is_string(), "the CLI tags its call: {seen}");
+    let out = long.join().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "1857859");
+    assert!(
+        out.stderr.is_empty(),
+        "nothing drawn when piped: {:?}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(host.status()["calls_in_flight"], serde_json::json!([]));
+
+    // Time saved: a hit saves what its entry took to compute.
+    host.call("count_primes", &["30000000"]);
+    let stats = host.stats();
+    let primes = &stats["count_primes"];
+    let (compute, saved) = (
+        primes["compute_s"].as_f64().unwrap(),
+        primes["saved_s"].as_f64().unwrap(),
+    );
+    assert!(compute > 0.0 && saved > 0.0, "{primes}");
+    assert!(
+        (saved - compute).abs() <= compute * 0.01 + 1e-6,
+        "one hit saves the one miss's time: {primes}"
+    );
+    let table = host.cli(&["stats"]);
+    assert!(
+        table.stdout.lines().next().unwrap().ends_with("saved"),
+        "{}",
+        table.stdout
+    );
+    assert!(table.stdout.contains("in total"), "{}", table.stdout);
+}
+
+/// Row 9: on a terminal, `keepwarm call` draws a progress bar while a long
+/// call reports progress.
+#[test]
+fn a_long_call_on_a_terminal_shows_a_progress_bar() {
+    let host = HostProcess::start(&built_library("example-plugin"), &[]);
+    host.wait_for("generation 1 loaded");
+    const DRIVER: &str = r#"
+import os, pty, select, sys
+argv = sys.argv[1:]
+pid, fd = pty.fork()
+if pid == 0:
+    os.execv(argv[0], argv)
+out = b""
+while True:
+    r, _, _ = select.select([fd], [], [], 0.5)
+    if r:
+        try:
+            chunk = os.read(fd, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        out += chunk
+_, status = os.waitpid(pid, 0)
+sys.stdout.write(out.decode(errors="replace"))
+sys.exit(os.waitstatus_to_exitcode(status))
+"#;
+    let out = Command::new("python3")
+        .args(["-c", DRIVER])
+        .arg(keepwarm_bin())
+        .args([
+            "--socket",
+            host.socket().to_str().unwrap(),
+            "call",
+            "count_primes",
+            "40000000",
+        ])
+        .env("XDG_RUNTIME_DIR", host.runtime_dir())
+        .env("TERM", "xterm")
+        .output()
+        .unwrap();
+    let screen = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{screen}");
+    assert!(
+        screen.contains("count_primes(40000000) — running"),
+        "{screen}"
+    );
+    assert!(
+        screen.contains("/40000000 ("),
+        "a bar with done/total: {screen}"
+    );
+    assert!(screen.contains("2433654"), "{screen}");
+}

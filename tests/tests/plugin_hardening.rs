@@ -43,7 +43,7 @@ static const KwFunction functions[] = { { KW_LIT("twice"), twice } };
 
 static const KwPlugin descriptor = {
   KW_ABI_VERSION, sizeof(KwPlugin), KW_LIT("includes_twice"),
-  functions, sizeof functions / sizeof functions[0], NULL, 0, on_load, NULL,
+  functions, sizeof functions / sizeof functions[0], NULL, 0, on_load, NULL, NULL,
 };
 
 __attribute__((visibility("default"))) const KwPlugin *keepwarm_plugin(void) {

@@ -37,7 +37,11 @@ read_until(b"100")
 command(b"call fi\t", b"call fib")          # completes the function name
 command(b"20\r", b"6765")
 command(b"rel\t\r", b"generation 2")           # completes the command: reload
-command(b"help\r", b"Call an exported plugin function")
+command(b"help\r", b"square(x: u64) -> u64")         # help lists the signatures
+command(b"call \t\t", b"fib(n: u64) -> u64")           # Tab twice: the functions, with them
+command(b"\x15", b"")                                # Ctrl-U: clear the line
+command(b"call count_primes 40000000\r", b"count_primes(40000000)")   # the live line of a long call
+read_until(b"2433654")
 command(b'call square {"x": 1}\r', b"argument 1 ({")   # JSON with spaces: one argument
 command(b"stats\r", b"evictions")
 command(b"reset square\r", b"entry dropped")
@@ -85,6 +89,8 @@ fn the_prompt_runs_commands_completes_names_and_quits() {
         "generation 2 reloaded",
         "Call an exported plugin function",
         "square",
+        "count_primes(n: u64) -> u64",
+        "count_primes(40000000) — running",
     ] {
         assert!(
             screen.contains(expected),

@@ -174,6 +174,7 @@ impl ControlCommand {
                 v: Some(crate::control::protocol::PROTOCOL_VERSION),
                 function: function.clone(),
                 args: args.iter().map(|a| parse_call_arg(a)).collect(),
+                tag: None,
             },
             ControlCommand::Reset { cache, all } => Request::Reset {
                 v: Some(1),
@@ -272,8 +273,9 @@ pub fn stats_table(stats: &[CacheStats]) -> String {
         "inserts",
         "evictions",
         "resets",
+        "saved",
     ];
-    let rows: Vec<[String; 10]> = stats
+    let rows: Vec<[String; 11]> = stats
         .iter()
         .map(|s| {
             [
@@ -287,6 +289,7 @@ pub fn stats_table(stats: &[CacheStats]) -> String {
                 s.inserts.to_string(),
                 s.evictions.to_string(),
                 s.resets.to_string(),
+                human_duration(s.saved_ns),
             ]
         })
         .collect();
@@ -316,8 +319,38 @@ pub fn stats_table(stats: &[CacheStats]) -> String {
     }
     if rows.is_empty() {
         out.push("(no caches yet)".to_owned());
+    } else {
+        let saved: u64 = stats.iter().map(|s| s.saved_ns).sum();
+        let compute: u64 = stats.iter().map(|s| s.compute_ns).sum();
+        out.push(format!(
+            "saved {} in total (each hit: the time its entry took to compute); misses computed for {}",
+            human_duration(saved),
+            human_duration(compute)
+        ));
     }
     out.join("\n")
+}
+
+/// A duration in the unit a person reads at a glance: `0 s`, `840 µs`,
+/// `12.3 ms`, `4.2 s`, `3 min 20 s`, `2 h 5 min`.
+pub fn human_duration(ns: u64) -> String {
+    let s = ns as f64 / 1e9;
+    match ns {
+        0 => "0 s".to_owned(),
+        1..=999 => format!("{ns} ns"),
+        1_000..=999_999 => format!("{:.0} µs", ns as f64 / 1e3),
+        1_000_000..=9_999_999 => format!("{:.1} ms", ns as f64 / 1e6),
+        10_000_000..=999_999_999 => format!("{:.0} ms", ns as f64 / 1e6),
+        1_000_000_000..=59_999_999_999 => format!("{s:.1} s"),
+        60_000_000_000..=3_599_999_999_999 => {
+            format!("{} min {} s", (s / 60.0) as u64, (s % 60.0) as u64)
+        }
+        _ => format!(
+            "{} h {} min",
+            (s / 3600.0) as u64,
+            ((s % 3600.0) / 60.0) as u64
+        ),
+    }
 }
 
 /// The human form of `status`.
@@ -369,6 +402,23 @@ mod tests {
         assert_eq!(parse_call_arg("[1,2]"), serde_json::json!([1, 2]));
         assert_eq!(parse_call_arg("hello"), serde_json::json!("hello"));
         assert_eq!(parse_call_arg("\"10\""), serde_json::json!("10"));
+    }
+
+    #[test]
+    fn durations_read_at_a_glance() {
+        let cases = [
+            (0, "0 s"),
+            (750, "750 ns"),
+            (840_000, "840 µs"),
+            (1_234_000, "1.2 ms"),
+            (12_300_000, "12 ms"),
+            (4_200_000_000, "4.2 s"),
+            (200_000_000_000, "3 min 20 s"),
+            (7_500_000_000_000, "2 h 5 min"),
+        ];
+        for (ns, text) in cases {
+            assert_eq!(human_duration(ns), text, "{ns} ns");
+        }
     }
 
     #[test]

@@ -11,6 +11,7 @@
 mod cli;
 mod client;
 mod dev;
+mod live;
 mod output;
 mod render;
 mod repl;
@@ -21,6 +22,7 @@ use keepwarm::{cache, control, host, paths, threads, watcher, Config, Host};
 
 use crate::cli::{Cli, Command, ControlCommand, DevArgs, RunArgs, EXIT_NO_HOST, EXIT_USAGE};
 use crate::client::ClientError;
+use crate::control::protocol::Request;
 use crate::dev::BuildSpec;
 use crate::serve::Serve;
 
@@ -62,7 +64,33 @@ fn control(command: &ControlCommand, socket: Option<std::path::PathBuf>, timeout
         Ok(s) => s,
         Err(e) => return client_error(&e),
     };
-    match crate::client::request_within(&socket, &command.to_request(), timeout) {
+    let mut request = command.to_request();
+    // A long call gets a live line (and a progress bar) on a terminal.
+    let _live = match &mut request {
+        Request::Call { tag, .. } => {
+            let mine = crate::live::new_tag();
+            *tag = Some(mine.clone());
+            let socket = socket.clone();
+            Some(crate::live::Live::start(mine, move |mine| {
+                let status = Request::Status { v: Some(1) };
+                let response = crate::client::request_within(
+                    &socket,
+                    &status,
+                    Some(std::time::Duration::from_secs(1)),
+                )
+                .ok()?;
+                let status = keepwarm::Status::from_json(response.result.as_ref()?).ok()?;
+                status
+                    .calls_in_flight
+                    .into_iter()
+                    .find(|c| c.tag.as_deref() == Some(mine))
+            }))
+        }
+        _ => None,
+    };
+    let answer = crate::client::request_within(&socket, &request, timeout);
+    drop(_live);
+    match answer {
         Ok(response) => {
             let rendered = command.render(&response);
             if !rendered.stdout.is_empty() {

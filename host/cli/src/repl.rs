@@ -16,6 +16,7 @@ use rustyline::validate::Validator;
 use rustyline::{Context, Editor, ExternalPrinter, Helper};
 
 use crate::cli::ControlCommand;
+use crate::control::protocol::Request;
 use crate::host::Host;
 
 /// The commands of the prompt.
@@ -49,13 +50,22 @@ impl Completer for Completion {
         let start = before.rfind(char::is_whitespace).map_or(0, |i| i + 1);
         let word = &before[start..];
         let previous: Vec<&str> = before[..start].split_whitespace().collect();
+        if previous.as_slice() == ["call"] {
+            // Function names, listed with their signatures.
+            let pairs = self
+                .host
+                .signatures()
+                .into_iter()
+                .filter(|s| s.function.starts_with(word))
+                .map(|s| Pair {
+                    replacement: format!("{} ", s.function),
+                    display: s.display(),
+                })
+                .collect();
+            return Ok((start, pairs));
+        }
         let candidates: Vec<String> = match previous.as_slice() {
             [] => COMMANDS.iter().map(|c| c.to_string()).collect(),
-            ["call"] => self
-                .host
-                .current()
-                .map(|g| g.function_names())
-                .unwrap_or_default(),
             ["reset"] => {
                 let mut names: Vec<String> = self
                     .host
@@ -117,7 +127,7 @@ fn history_path() -> Option<std::path::PathBuf> {
 }
 
 /// Runs one prompt line; returns false when the user asked to leave.
-pub fn run_line(host: &Host, line: &str) -> bool {
+pub fn run_line(host: &Arc<Host>, line: &str) -> bool {
     let Some(words) = call_words(line).or_else(|| shlex::split(line)) else {
         crate::output::err(&format!("unbalanced quotes in: {line}"));
         return true;
@@ -133,13 +143,25 @@ pub fn run_line(host: &Host, line: &str) -> bool {
                 // plugin's thread-locals then never pin a generation in
                 // memory, and deep recursion gets the control socket's stack.
                 ControlCommand::Call { .. } => std::thread::scope(|s| {
+                    let tag = crate::live::new_tag();
+                    let mut request = command.to_request();
+                    if let Request::Call { tag: t, .. } = &mut request {
+                        *t = Some(tag.clone());
+                    }
+                    let watched = Arc::clone(host);
+                    let _live = crate::live::Live::start(tag, move |tag| {
+                        watched
+                            .calls_in_flight()
+                            .into_iter()
+                            .find(|c| c.tag.as_deref() == Some(tag))
+                    });
                     let spawning = crate::threads::Spawning::begin();
                     std::thread::Builder::new()
                         .name("keepwarm-prompt-call".into())
                         .stack_size(crate::control::server::CALL_STACK_BYTES)
                         .spawn_scoped(s, || {
                             spawning.registered();
-                            crate::control::handle(host, command.to_request())
+                            crate::control::handle(host, request)
                         })
                         .map(|t| t.join())
                 }),
@@ -182,14 +204,35 @@ pub fn run_line(host: &Host, line: &str) -> bool {
         // clap's help and errors already say what to type.
         Err(e) => {
             let _ = e.print();
+            if e.kind() == clap::error::ErrorKind::DisplayHelp && words.len() == 1 {
+                crate::output::out(&functions_help(host));
+            }
         }
     }
     true
 }
 
+/// The `help` lines that list the functions `call` can run, with their
+/// signatures.
+fn functions_help(host: &Host) -> String {
+    let signatures = host.signatures();
+    if signatures.is_empty() {
+        return "\nNo functions: no plugin is loaded.".to_owned();
+    }
+    let mut lines = vec!["\nFunctions (call NAME ARG...):".to_owned()];
+    lines.extend(signatures.iter().map(|s| format!("  {}", s.display())));
+    lines.join("\n")
+}
+
 /// Reads commands from the terminal until `quit` or end of input.
 pub fn run(host: Arc<Host>) -> anyhow::Result<()> {
-    let mut editor: Editor<Completion, rustyline::history::DefaultHistory> = Editor::new()?;
+    // Tab completes what is common; a second Tab lists the candidates, so
+    // the functions show with their signatures.
+    let config = rustyline::Config::builder()
+        .completion_type(rustyline::CompletionType::List)
+        .build();
+    let mut editor: Editor<Completion, rustyline::history::DefaultHistory> =
+        Editor::with_config(config)?;
     editor.set_helper(Some(Completion {
         host: Arc::clone(&host),
     }));

@@ -22,6 +22,9 @@ pub enum Request {
         function: String,
         /// Its arguments.
         args: Vec<serde_json::Value>,
+        /// A tag the client chose, shown with the call in `status`'s
+        /// `calls_in_flight` (so a client can find its own call's progress).
+        tag: Option<String>,
     },
     /// Drop the entries of one cache, or of all.
     Reset {
@@ -58,8 +61,17 @@ impl Request {
     /// The request as its JSON object.
     pub fn to_json(&self) -> Value {
         let (cmd, v, mut body) = match self {
-            Request::Call { v, function, args } => {
-                ("call", v, json!({ "function": function, "args": args }))
+            Request::Call {
+                v,
+                function,
+                args,
+                tag,
+            } => {
+                let mut body = json!({ "function": function, "args": args });
+                if let Some(tag) = tag {
+                    body["tag"] = json!(tag);
+                }
+                ("call", v, body)
             }
             Request::Reset { v, cache, all } => {
                 let mut body = json!({ "all": all });
@@ -94,7 +106,7 @@ impl Request {
             None => return Err("invalid type: expected a JSON object".into()),
         };
         let fields: &[&str] = match cmd {
-            "call" => &["cmd", "v", "function", "args"],
+            "call" => &["cmd", "v", "function", "args", "tag"],
             "reset" => &["cmd", "v", "cache", "all"],
             "stats" => &["cmd", "v", "cache"],
             "status" | "reload" => &["cmd", "v"],
@@ -116,6 +128,7 @@ impl Request {
                 v,
                 function: o.str("function")?,
                 args: o.array_or_empty("args")?,
+                tag: o.opt_str("tag")?,
             },
             "reset" => Request::Reset {
                 v,
@@ -361,7 +374,8 @@ mod tests {
             Request::Call {
                 v: None,
                 function: "square".into(),
-                args: vec![10.into()]
+                args: vec![10.into()],
+                tag: None,
             }
         );
         assert!(matches!(
@@ -437,12 +451,14 @@ mod tests {
                 (
                     v.clone(),
                     ".{0,16}",
-                    prop::collection::vec(json_value(), 0..4)
+                    prop::collection::vec(json_value(), 0..4),
+                    prop::option::of(".{0,8}")
                 )
-                    .prop_map(|(v, function, args)| Request::Call {
+                    .prop_map(|(v, function, args, tag)| Request::Call {
                         v,
                         function,
-                        args
+                        args,
+                        tag
                     }),
                 (v.clone(), prop::option::of(".{0,16}"), any::<bool>())
                     .prop_map(|(v, cache, all)| Request::Reset { v, cache, all }),

@@ -355,6 +355,13 @@ pub struct KwHostApi {
         opts: *const KwOpenOptions,
         out: *mut KwCacheHandle,
     ) -> KwStatus,
+    /// Reports the progress of the call running on the calling thread:
+    /// `done` units of `total` (`total` 0: unknown). `keepwarm status`
+    /// lists it with the call, and `keepwarm call` draws a progress bar from
+    /// it on a terminal. Two relaxed stores: cheap enough for every step of a
+    /// loop. Ignored on a thread that is not running a call (a thread the
+    /// plugin started) and after the generation retired.
+    pub progress: unsafe extern "C" fn(ctx: *mut c_void, done: u64, total: u64),
 }
 
 /// The options of a handle opened with [`KwHostApi::cache_open_with`].
@@ -498,7 +505,17 @@ pub struct KwPlugin {
     /// the host table stops answering when it returns. The plugin must stop
     /// any thread it started before returning.
     pub on_unload: Option<unsafe extern "C" fn()>,
+    /// NULL, or `function_count` signatures, one per entry of `functions`
+    /// in the same order: UTF-8 text such as `square(x: u64) -> u64` (an
+    /// empty slice for a function without one). `keepwarm status --json`
+    /// and the prompt's `help` and Tab completion show them. A descriptor
+    /// whose `size` ends before this field has none.
+    pub signatures: *const KwSlice,
 }
+
+/// The smallest descriptor of ABI 1 a host accepts: fields appended since
+/// (`signatures`) are read only when the plugin's `size` covers them.
+pub const KW_PLUGIN_MIN_SIZE: usize = core::mem::offset_of!(KwPlugin, signatures);
 
 // SAFETY: immutable static data of the plugin (see the type's docs).
 unsafe impl Sync for KwPlugin {}

@@ -324,6 +324,51 @@ fn returns_result(ret: &ReturnType) -> bool {
     }
 }
 
+/// A type as a person writes it: `Vec<(u8, String)>`, `&'static str`.
+fn type_text(ty: &Type) -> String {
+    let raw = ty.to_token_stream().to_string();
+    let mut out = String::with_capacity(raw.len());
+    let mut chars = raw.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == ' ' {
+            let prev = out.chars().last();
+            let next = chars.peek().copied();
+            let glue_before = matches!(next, Some('<' | '>' | ',' | ')' | ']' | ':' | ';'));
+            let glue_after = matches!(prev, Some('<' | '(' | '[' | '&' | ':'));
+            if glue_before || glue_after {
+                continue;
+            }
+        }
+        out.push(c);
+    }
+    // `&'a mut T`, `[u8; 4]` read better with their spaces.
+    out.replace(";", "; ")
+        .replace(";  ", "; ")
+        .replace(",", ", ")
+        .replace(",  ", ", ")
+}
+
+/// The type a call answers with: `T` for `Result<T, E>`, `()` for none.
+fn result_text(ret: &ReturnType) -> String {
+    match ret {
+        ReturnType::Default => "()".to_owned(),
+        ReturnType::Type(_, ty) => {
+            if let Type::Path(p) = &**ty {
+                if let Some(last) = p.path.segments.last() {
+                    if last.ident == "Result" {
+                        if let syn::PathArguments::AngleBracketed(a) = &last.arguments {
+                            if let Some(syn::GenericArgument::Type(ok)) = a.args.first() {
+                                return type_text(ok);
+                            }
+                        }
+                    }
+                }
+            }
+            type_text(ty)
+        }
+    }
+}
+
 /// Makes a function callable by `keepwarm call` (see `keepwarm_api::export`).
 #[proc_macro_attribute]
 pub fn export(attr: TokenStream, item: TokenStream) -> TokenStream {
@@ -370,6 +415,14 @@ pub fn export(attr: TokenStream, item: TokenStream) -> TokenStream {
         });
         pass.push(if borrow { quote!(&#tmp) } else { quote!(#tmp) });
     }
+    let signature = format!(
+        "{exported}({}) -> {}",
+        args.iter()
+            .map(|(arg, ty)| format!("{arg}: {}", type_text(ty)))
+            .collect::<Vec<_>>()
+            .join(", "),
+        result_text(&f.sig.output)
+    );
     let call = if returns_result(&f.sig.output) {
         quote!(#ident(#(#pass),*).map_err(|e| ::keepwarm_api::Error::new(e.to_string())))
     } else {
@@ -393,9 +446,12 @@ pub fn export(attr: TokenStream, item: TokenStream) -> TokenStream {
             }
             #[::keepwarm_api::__private::linkme::distributed_slice(::keepwarm_api::__private::EXPORTS)]
             #[linkme(crate = ::keepwarm_api::__private::linkme)]
-            static __KW_EXPORT: ::keepwarm_api::abi::KwFunction = ::keepwarm_api::abi::KwFunction {
-                name: ::keepwarm_api::abi::KwSlice::from_str(#exported),
-                call: __kw_shell,
+            static __KW_EXPORT: ::keepwarm_api::__private::Export = ::keepwarm_api::__private::Export {
+                function: ::keepwarm_api::abi::KwFunction {
+                    name: ::keepwarm_api::abi::KwSlice::from_str(#exported),
+                    call: __kw_shell,
+                },
+                signature: ::keepwarm_api::abi::KwSlice::from_str(#signature),
             };
         };
     };

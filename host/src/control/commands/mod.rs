@@ -14,7 +14,12 @@ use crate::host::Host;
 /// Carries out one request against `host`.
 pub fn handle(host: &Host, request: Request) -> Response {
     match request {
-        Request::Call { function, args, .. } => call::run(host, &function, &args),
+        Request::Call {
+            function,
+            args,
+            tag,
+            ..
+        } => crate::in_flight::with_tag(tag, || call::run(host, &function, &args)),
         Request::Reset { cache, all, .. } => reset::run(host, cache.as_deref(), all),
         Request::Stats { cache, .. } => stats::run(host, cache.as_deref()),
         Request::Status { .. } => status::run(host),
