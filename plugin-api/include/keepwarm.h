@@ -445,6 +445,14 @@ typedef struct KwPlugin {
    * any thread it started before returning.
    */
   void (*on_unload)(void);
+  /**
+   * NULL, or `function_count` signatures, one per entry of `functions`
+   * in the same order: UTF-8 text such as `square(x: u64) -> u64` (an
+   * empty slice for a function without one). `keepwarm status --json`
+   * and the prompt's `help` and Tab completion show them. A descriptor
+   * whose `size` ends before this field has none.
+   */
+  const struct KwSlice *signatures;
 } KwPlugin;
 
 /**
