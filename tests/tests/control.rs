@@ -383,9 +383,15 @@ fn stats_print_an_aligned_table_and_json() {
         lines[0].starts_with("cache") && lines[0].contains("evictions"),
         "{table}"
     );
-    let width = lines[0].len();
+    // The rows are aligned; the last line sums up the time saved.
+    let (total, rows) = lines.split_last().unwrap();
     assert!(
-        lines.iter().all(|l| l.len() == width),
+        total.starts_with("saved ") && total.contains("in total"),
+        "{table}"
+    );
+    let width = rows[0].chars().count();
+    assert!(
+        rows.iter().all(|l| l.chars().count() == width),
         "aligned columns:\n{table}"
     );
     let one = host.cli(&["stats", "square", "--json"]).json();
