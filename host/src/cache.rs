@@ -111,11 +111,19 @@ pub struct CacheStats {
     /// to compute (exact per entry; entries stored with `host_cache_put`
     /// carry no time and save 0).
     pub saved_ns: u64,
+    /// Entries in the durable store (`--persist`; 0 without it). Filled by
+    /// [`Cache::persisted`], which counts them in the store.
+    pub persisted_entries: u64,
+    /// Bytes of keys plus values in the durable store.
+    pub persisted_bytes: u64,
+    /// Reads and writes of the durable store that failed (a full disk, a
+    /// damaged page): the call still answered, from memory or by computing.
+    pub store_errors: u64,
 }
 
 impl CacheStats {
     /// The fields of the JSON object, in order.
-    pub const FIELDS: [&'static str; 15] = [
+    pub const FIELDS: [&'static str; 18] = [
         "name",
         "entries",
         "bytes",
@@ -131,6 +139,9 @@ impl CacheStats {
         "expired",
         "compute_s",
         "saved_s",
+        "persisted_entries",
+        "persisted_bytes",
+        "store_errors",
     ];
 
     /// The figures as the JSON object `keepwarm stats --json` prints.
@@ -151,6 +162,9 @@ impl CacheStats {
             "expired": self.expired,
             "compute_s": seconds(self.compute_ns),
             "saved_s": seconds(self.saved_ns),
+            "persisted_entries": self.persisted_entries,
+            "persisted_bytes": self.persisted_bytes,
+            "store_errors": self.store_errors,
         })
     }
 
@@ -173,6 +187,9 @@ impl CacheStats {
             expired: o.u64_or_0("expired")?,
             compute_ns: nanos(o.opt_f64("compute_s")?.unwrap_or(0.0)),
             saved_ns: nanos(o.opt_f64("saved_s")?.unwrap_or(0.0)),
+            persisted_entries: o.u64_or_0("persisted_entries")?,
+            persisted_bytes: o.u64_or_0("persisted_bytes")?,
+            store_errors: o.u64_or_0("store_errors")?,
         })
     }
 }
@@ -276,6 +293,7 @@ struct Inner {
     expired: u64,
     compute_ns: u64,
     saved_ns: u64,
+    store_errors: u64,
     code_hash: u64,
     /// Bumped by every reset: a computation that started before a reset
     /// must not store its (stale) value after it.
@@ -383,12 +401,80 @@ pub struct Cache {
     name: String,
     inner: Mutex<Inner>,
     flights: Mutex<HashMap<Box<[u8]>, Arc<Flight>>>,
+    /// The durable tier behind the memory, with `--persist`.
+    durable: Option<Arc<Durable>>,
+    /// Held while a value is written to the durable tier and while a reset
+    /// clears it, so a write that lost the race to a reset is never stored
+    /// after it. Hits never take it.
+    writing: Mutex<()>,
+}
+
+/// The durable tier the caches of a host share, and how its failures are
+/// reported.
+pub struct Durable {
+    /// The tier.
+    pub tier: Arc<dyn crate::persist::Tier>,
+    /// Says a failure once per outage (the host's warning line).
+    pub warn: Arc<dyn Fn(&str) + Send + Sync>,
+    warned: std::sync::atomic::AtomicBool,
+}
+
+impl Durable {
+    /// A durable tier whose first failure of each outage is said through
+    /// `warn`.
+    pub fn new(
+        tier: Arc<dyn crate::persist::Tier>,
+        warn: Arc<dyn Fn(&str) + Send + Sync>,
+    ) -> Durable {
+        Durable {
+            tier,
+            warn,
+            warned: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    fn failed(&self, cache: &Cache, what: &str, e: &crate::persist::TierError) {
+        cache.inner.lock().store_errors += 1;
+        if !self.warned.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            (self.warn)(&format!(
+                "the cache store failed to {what} an entry of `{}` ({e}); calls still answer, the entries stay in memory only (counted in store_errors)",
+                cache.name
+            ));
+        }
+    }
+
+    fn worked(&self) {
+        if self.warned.load(std::sync::atomic::Ordering::Relaxed) {
+            self.warned
+                .store(false, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+}
+
+/// A stored time (Unix milliseconds) as a slot's `born`.
+fn born_from_unix_ms(ms: u64) -> u64 {
+    let age_ms = crate::persist::now_ms().saturating_sub(ms);
+    now_ns().saturating_sub(age_ms.saturating_mul(1_000_000))
 }
 
 impl Cache {
     /// An empty cache with these bounds.
     pub fn new(name: impl Into<String>, bounds: Bounds) -> Cache {
+        Cache::with_durable(name, bounds, None, 0)
+    }
+
+    /// An empty cache backed by `durable` (its entries are read there on a
+    /// memory miss and written there on every store), whose code identity
+    /// was last declared as `identity`.
+    pub fn with_durable(
+        name: impl Into<String>,
+        bounds: Bounds,
+        durable: Option<Arc<Durable>>,
+        identity: u64,
+    ) -> Cache {
         Cache {
+            durable,
+            writing: Mutex::new(()),
             name: name.into(),
             inner: Mutex::new(Inner {
                 lru: LruCache::unbounded(),
@@ -404,7 +490,8 @@ impl Cache {
                 expired: 0,
                 compute_ns: 0,
                 saved_ns: 0,
-                code_hash: 0,
+                store_errors: 0,
+                code_hash: identity,
                 epoch: 0,
             }),
             flights: Mutex::new(HashMap::new()),
@@ -418,11 +505,24 @@ impl Cache {
 
     /// Looks `key` up, marking it most recently used on a hit.
     pub fn get(&self, key: &[u8]) -> Option<Arc<[u8]>> {
-        let mut inner = self.inner.lock();
-        match inner.lru.get(key) {
-            Some(slot) => {
+        {
+            let mut inner = self.inner.lock();
+            if let Some(slot) = inner.lru.get(key) {
                 let v = Arc::clone(&slot.value);
                 let cost = slot.cost;
+                inner.hits += 1;
+                inner.saved_ns += cost;
+                return Some(v);
+            }
+            if self.durable.is_none() {
+                inner.misses += 1;
+                return None;
+            }
+        }
+        let found = self.read_through(key, &Want::ANY);
+        let mut inner = self.inner.lock();
+        match found {
+            Some((v, cost)) => {
                 inner.hits += 1;
                 inner.saved_ns += cost;
                 Some(v)
@@ -432,6 +532,49 @@ impl Cache {
                 None
             }
         }
+    }
+
+    /// A memory miss asks the durable tier: an entry of the cache's
+    /// identity that fits `want` is brought into memory and returned with
+    /// its cost. Nothing is counted here.
+    fn read_through(&self, key: &[u8], want: &Want) -> Option<(Arc<[u8]>, u64)> {
+        let durable = self.durable.as_ref()?;
+        let (epoch, identity) = {
+            let inner = self.inner.lock();
+            (inner.epoch, inner.code_hash)
+        };
+        let record = match durable.tier.get(&self.name, key) {
+            Ok(r) => r?,
+            Err(e) => {
+                durable.failed(self, "read", &e);
+                return None;
+            }
+        };
+        // Computed by other code than the cache's now: never served.
+        if record.identity != 0 && identity != 0 && record.identity != identity {
+            return None;
+        }
+        let slot = Slot {
+            value: Arc::from(record.value),
+            born: born_from_unix_ms(record.born_ms),
+            cost: record.cost_ns,
+        };
+        if slot.fits(want).is_err() {
+            return None;
+        }
+        let mut inner = self.inner.lock();
+        // Reset while it was read: the entry is gone.
+        if inner.epoch != epoch {
+            return None;
+        }
+        if let Some(there) = inner.lru.get(key) {
+            return Some((Arc::clone(&there.value), there.cost));
+        }
+        let found = (Arc::clone(&slot.value), slot.cost);
+        inner.bytes += entry_bytes(key, &slot.value);
+        inner.lru.push(Box::from(key), slot);
+        inner.evict_to_bounds();
+        Some(found)
     }
 
     /// Looks `key` up like [`Cache::get`], but copies a value that fits in
@@ -468,6 +611,10 @@ impl Cache {
                 Found::Copied(v.len())
             }
             Some(v) => Found::Shared(Arc::clone(v)),
+            None if self.durable.is_some() => {
+                drop(inner);
+                return self.get_into_durable(key, buf, want);
+            }
             None => Found::Miss,
         };
         match found {
@@ -478,6 +625,32 @@ impl Cache {
             }
         }
         found
+    }
+
+    /// The miss half of [`Cache::get_into_as`] with a durable tier.
+    #[cold]
+    fn get_into_durable(&self, key: &[u8], buf: &mut [MaybeUninit<u8>], want: &Want) -> Found {
+        let found = match self.read_through(key, want) {
+            Some((v, cost)) if v.len() <= buf.len() => {
+                // SAFETY: as in get_into_as: `v` holds v.len() bytes, `buf`
+                // has room for them, and they cannot overlap.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(v.as_ptr(), buf.as_mut_ptr().cast(), v.len())
+                };
+                (Found::Copied(v.len()), cost)
+            }
+            Some((v, cost)) => (Found::Shared(v), cost),
+            None => (Found::Miss, 0),
+        };
+        let mut inner = self.inner.lock();
+        match found {
+            (Found::Miss, _) => inner.misses += 1,
+            (_, cost) => {
+                inner.hits += 1;
+                inner.saved_ns += cost;
+            }
+        }
+        found.0
     }
 
     /// Stores `value` under `key`, evicting least recently used entries until
@@ -519,6 +692,7 @@ impl Cache {
         if inner.bounds.max_bytes.is_some_and(|max| size > max) {
             return Err(PutError::TooLarge);
         }
+        let kept = self.durable.as_ref().map(|_| Arc::clone(&value));
         let slot = Slot {
             value,
             born: now_ns(),
@@ -534,18 +708,63 @@ impl Cache {
         }
         inner.inserts += 1;
         inner.evict_to_bounds();
+        let epoch = inner.epoch;
+        drop(inner);
+        if let (Some(durable), Some(value)) = (&self.durable, kept) {
+            // Durable before the caller's call answers: an acknowledged
+            // entry survives the death of the process.
+            let _writing = self.writing.lock();
+            if self.inner.lock().epoch == epoch {
+                let record = crate::persist::Record {
+                    value: value.to_vec(),
+                    identity,
+                    born_ms: crate::persist::now_ms(),
+                    cost_ns: cost,
+                };
+                match durable.tier.put(&self.name, key, &record) {
+                    Ok(()) => durable.worked(),
+                    Err(e) => durable.failed(self, "store", &e),
+                }
+            }
+        }
         Ok(())
     }
 
     /// Drops every entry; returns how many there were.
     pub fn reset(&self) -> u64 {
-        let mut inner = self.inner.lock();
-        let n = inner.lru.len() as u64;
-        inner.lru.clear();
-        inner.bytes = 0;
-        inner.resets += 1;
-        inner.epoch += 1;
-        n
+        let _writing = self.durable.as_ref().map(|_| self.writing.lock());
+        let n = {
+            let mut inner = self.inner.lock();
+            let n = inner.lru.len() as u64;
+            inner.lru.clear();
+            inner.bytes = 0;
+            inner.resets += 1;
+            inner.epoch += 1;
+            n
+        };
+        match &self.durable {
+            Some(durable) => match durable.tier.reset(&self.name) {
+                // Entries evicted from memory were still in the store.
+                Ok(stored) => n.max(stored),
+                Err(e) => {
+                    durable.failed(self, "reset", &e);
+                    n
+                }
+            },
+            None => n,
+        }
+    }
+
+    /// Entries and bytes of this cache in the durable store (0, 0 without
+    /// one); counted in the store, so it costs a scan of the cache's keys.
+    pub fn persisted(&self) -> (u64, u64) {
+        match &self.durable {
+            Some(durable) => durable.tier.figures(&self.name).unwrap_or_else(|e| {
+                durable.failed(self, "count", &e);
+                (0, 0)
+            }),
+            None => (0, 0),
+        }
     }
 
     /// Looks `key` up; on a miss runs `compute` — in this thread, with no
@@ -703,10 +922,20 @@ impl Cache {
     /// Records the code hash of the code that fills the cache. Returns true
     /// when a different non-zero hash was recorded before: the caller resets.
     pub fn swap_code_hash(&self, hash: u64) -> bool {
-        let mut inner = self.inner.lock();
-        let changed = inner.code_hash != 0 && hash != 0 && inner.code_hash != hash;
-        if hash != 0 {
-            inner.code_hash = hash;
+        let (changed, recorded) = {
+            let mut inner = self.inner.lock();
+            let changed = inner.code_hash != 0 && hash != 0 && inner.code_hash != hash;
+            let recorded = hash != 0 && inner.code_hash != hash;
+            if hash != 0 {
+                inner.code_hash = hash;
+            }
+            (changed, recorded)
+        };
+        if let (true, Some(durable)) = (recorded, &self.durable) {
+            // The next start compares its build's identity with this one.
+            if let Err(e) = durable.tier.set_identity(&self.name, hash) {
+                durable.failed(self, "record the identity of", &e);
+            }
         }
         changed
     }
@@ -730,6 +959,9 @@ impl Cache {
             expired: inner.expired,
             compute_ns: inner.compute_ns,
             saved_ns: inner.saved_ns,
+            persisted_entries: 0,
+            persisted_bytes: 0,
+            store_errors: inner.store_errors,
         }
     }
 }
@@ -799,6 +1031,8 @@ pub struct Store {
     recent: Mutex<CacheMap>,
     /// Bounds set by the user (`--cache`); they win over a plugin's declaration.
     overrides: HashMap<String, Bounds>,
+    /// The durable tier of every cache, with `--persist`.
+    durable: Option<Arc<Durable>>,
 }
 
 impl Store {
@@ -808,7 +1042,34 @@ impl Store {
             caches: ArcSwap::default(),
             recent: Mutex::new(CacheMap::default()),
             overrides,
+            durable: None,
         }
+    }
+
+    /// A store whose caches live in `durable` too: every cache the tier
+    /// knows exists at once, with the identity it was last declared with
+    /// (its entries are read from the tier on demand, not loaded).
+    pub fn with_durable(
+        overrides: HashMap<String, Bounds>,
+        durable: Arc<Durable>,
+    ) -> Result<Store, crate::persist::TierError> {
+        let known = durable.tier.caches()?;
+        let mut store = Store::with_overrides(overrides);
+        let mut map = CacheMap::default();
+        for (name, identity) in known {
+            let bounds = store.overrides.get(&name).copied().unwrap_or_default();
+            let cache =
+                Cache::with_durable(name.clone(), bounds, Some(Arc::clone(&durable)), identity);
+            map.insert(Box::from(name.as_bytes()), Arc::new(cache));
+        }
+        store.caches = ArcSwap::from_pointee(map);
+        store.durable = Some(durable);
+        Ok(store)
+    }
+
+    /// The durable tier, with `--persist`.
+    pub fn durable(&self) -> Option<&Arc<Durable>> {
+        self.durable.as_ref()
     }
 
     /// The cache named `name`, if it exists.
@@ -835,7 +1096,7 @@ impl Store {
             return Arc::clone(c);
         }
         let bounds = self.overrides.get(name).copied().unwrap_or_default();
-        let cache = Arc::new(Cache::new(name, bounds));
+        let cache = Arc::new(Cache::with_durable(name, bounds, self.durable.clone(), 0));
         recent.insert(Box::from(name.as_bytes()), Arc::clone(&cache));
         if recent.len() >= snapshot.len().max(16) {
             let mut next = CacheMap::clone(&snapshot);

@@ -92,6 +92,12 @@ pub enum Event {
         /// The kernel ids of the threads.
         threads: Vec<u64>,
     },
+    /// Something the durable cache store (`--persist`) must say: where it
+    /// is, a damaged file moved aside, a failing disk.
+    Store {
+        /// The sentence.
+        message: String,
+    },
     /// Caches were reset through the control socket: one, or all.
     Reset {
         /// The cache, or `None` for all.

@@ -25,6 +25,12 @@ pub struct Config {
     /// A function to call, with no arguments, after every successful load;
     /// its outcome is an [`Event::Then`] (`keepwarm run --then FN`).
     pub then: Option<String>,
+    /// Keep the caches in the durable store in this directory
+    /// (`--persist DIR`): a host started again on it is warm at once.
+    pub persist: Option<PathBuf>,
+    /// The durable store's byte bound (`--persist-max-bytes`); `None`: a
+    /// quarter of the free space of its file system.
+    pub persist_max_bytes: Option<u64>,
 }
 
 impl Config {
@@ -35,7 +41,15 @@ impl Config {
             cache_bounds: HashMap::new(),
             events: None,
             then: None,
+            persist: None,
+            persist_max_bytes: None,
         }
+    }
+
+    /// Keeps the caches in the durable store in `dir` (`--persist DIR`).
+    pub fn persist(mut self, dir: impl Into<PathBuf>) -> Config {
+        self.persist = Some(dir.into());
+        self
     }
 
     /// Sends the host's events to `sink`.
@@ -299,6 +313,53 @@ impl Shared {
         let events = Arc::clone(&self.events);
         Arc::new(move |event| send(&events, event))
     }
+}
+
+/// The store of `--persist DIR`: the durable tier opened (locked, checked,
+/// a damaged file moved aside), its caches known at once.
+fn open_durable(
+    dir: &Path,
+    max_bytes: Option<u64>,
+    overrides: HashMap<String, Bounds>,
+    events: &Arc<RwLock<Option<EventSink>>>,
+) -> crate::error::Result<Store> {
+    let tier = crate::persist::SqliteTier::open(dir, max_bytes)
+        .map_err(|e| crate::error::Error::new(e.to_string()))?;
+    for note in &tier.notes {
+        send(
+            events,
+            &Event::Store {
+                message: note.clone(),
+            },
+        );
+    }
+    let warned = Arc::clone(events);
+    let durable = crate::cache::Durable::new(
+        Arc::new(tier),
+        Arc::new(move |message: &str| {
+            send(
+                &warned,
+                &Event::Store {
+                    message: message.to_owned(),
+                },
+            )
+        }),
+    );
+    let store = Store::with_durable(overrides, Arc::new(durable)).map_err(|e| {
+        crate::error::Error::new(format!("reading the cache store in {}: {e}", dir.display()))
+    })?;
+    let known = store.all().len();
+    send(
+        events,
+        &Event::Store {
+            message: format!(
+                "caches persist in {} ({known} cache{} there)",
+                dir.join(crate::persist::FILE_NAME).display(),
+                if known == 1 { "" } else { "s" }
+            ),
+        },
+    );
+    Ok(store)
 }
 
 /// Sends `event` to the sink in `events`, if there is one (no lock held
@@ -716,9 +777,14 @@ impl Host {
         let runtime = crate::paths::runtime_dir()?;
         crate::paths::sweep_dead_shadow_dirs(&runtime);
         let shadow_dir = crate::paths::ShadowDir::create_in(&runtime)?;
+        let events = Arc::new(RwLock::new(config.events));
+        let store = match &config.persist {
+            None => Store::with_overrides(config.cache_bounds),
+            Some(dir) => open_durable(dir, config.persist_max_bytes, config.cache_bounds, &events)?,
+        };
         let shared = Arc::new(Shared {
-            store: Arc::new(Store::with_overrides(config.cache_bounds)),
-            events: Arc::new(RwLock::new(config.events)),
+            store: Arc::new(store),
+            events,
             then: config.then,
             shadow_dir,
             loads: std::sync::atomic::AtomicU64::new(0),
@@ -845,6 +911,10 @@ impl Host {
         let mut drained = true;
         for plugin in self.plugins() {
             drained &= plugin.shut_down(deadline);
+        }
+        // A call still running may yet store: the store stays locked then.
+        if let (true, Some(durable)) = (drained, self.shared.store.durable()) {
+            durable.tier.close();
         }
         self.shared.shadow_dir.remove();
         drained
@@ -995,10 +1065,22 @@ impl Host {
 
     /// Figures of every cache, or of one.
     pub fn stats(&self, cache: Option<&str>) -> Option<Vec<CacheStats>> {
-        match cache {
-            None => Some(self.shared.store.stats()),
-            Some(name) => self.shared.store.get(name).map(|c| vec![c.stats()]),
-        }
+        let caches = match cache {
+            None => self.shared.store.all(),
+            Some(name) => vec![self.shared.store.get(name)?],
+        };
+        Some(
+            caches
+                .iter()
+                .map(|c| {
+                    let (entries, bytes) = c.persisted();
+                    let mut s = c.stats();
+                    s.persisted_entries = entries;
+                    s.persisted_bytes = bytes;
+                    s
+                })
+                .collect(),
+        )
     }
 
     /// Resets one cache; `None` if there is no cache of that name.

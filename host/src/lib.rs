@@ -68,6 +68,7 @@ pub mod in_flight;
 mod json;
 pub mod loader;
 pub mod paths;
+pub mod persist;
 pub mod signature;
 pub mod threads;
 pub mod watcher;

@@ -494,6 +494,18 @@ impl HostProcess {
         out.json()
     }
 
+    /// Sends `signal` to the host and waits for it to exit.
+    pub fn stop(&mut self, signal: i32) -> std::process::ExitStatus {
+        // SAFETY: kill(2) on the child's pid; no memory involved.
+        unsafe { libc::kill(self.child.id() as i32, signal) };
+        self.child.wait().expect("waiting for the host")
+    }
+
+    /// A connection to the control socket, for many requests in a row.
+    pub fn connect(&self) -> Connection {
+        Connection::to(&self.socket)
+    }
+
     /// Whether the host process is still running.
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
@@ -504,6 +516,42 @@ impl Drop for HostProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// One connection to a host's control socket: a request per line, an
+/// answer per line.
+pub struct Connection {
+    writer: std::os::unix::net::UnixStream,
+    reader: BufReader<std::os::unix::net::UnixStream>,
+}
+
+impl Connection {
+    /// Connects to the socket at `path`.
+    pub fn to(path: &Path) -> Connection {
+        let writer = std::os::unix::net::UnixStream::connect(path).expect("connecting");
+        let reader = BufReader::new(writer.try_clone().unwrap());
+        Connection { writer, reader }
+    }
+
+    /// Sends `request`; its response, or `None` when the host is gone.
+    pub fn request(&mut self, request: &serde_json::Value) -> Option<serde_json::Value> {
+        use std::io::Write;
+        let mut line = request.to_string();
+        line.push('\n');
+        self.writer.write_all(line.as_bytes()).ok()?;
+        let mut answer = String::new();
+        match self.reader.read_line(&mut answer) {
+            Ok(n) if n > 0 => serde_json::from_str(&answer).ok(),
+            _ => None,
+        }
+    }
+
+    /// Calls `function` with `args`; the response.
+    pub fn call(&mut self, function: &str, args: serde_json::Value) -> Option<serde_json::Value> {
+        self.request(
+            &serde_json::json!({"v": 1, "cmd": "call", "function": function, "args": args}),
+        )
     }
 }
 
@@ -534,4 +582,34 @@ pub fn shadow_dirs(xdg: &Path) -> Vec<PathBuf> {
         .filter(|e| e.file_name().to_string_lossy().starts_with("shadow-"))
         .map(|e| e.path())
         .collect()
+}
+
+/// A small tmpfs mounted for a test (root only: `None` elsewhere, and the
+/// test says SKIPPED); unmounted on drop.
+pub struct Tmpfs(pub tempfile::TempDir);
+
+impl Tmpfs {
+    /// Mounts a tmpfs of `mib` MiB on a new temporary directory.
+    pub fn mount(mib: u64) -> Option<Tmpfs> {
+        let dir = tempfile::tempdir().unwrap();
+        let ok = Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={mib}m,mode=0700"),
+                "tmpfs",
+            ])
+            .arg(dir.path())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then_some(Tmpfs(dir))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(self.0.path()).status();
+    }
 }

@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use keepwarm_tests::{
-    built_library, eventually, keepwarm_bin, replace_atomically, shadow_dirs, HostProcess,
+    built_library, eventually, keepwarm_bin, replace_atomically, shadow_dirs, HostProcess, Tmpfs,
 };
 use serde_json::json;
 
@@ -184,34 +184,6 @@ fn special_files_at_the_library_path_are_refused_and_never_block() {
 }
 
 // ---- 5. a full runtime file system --------------------------------------
-
-/// A small tmpfs mounted for the test (root only); unmounted on drop.
-struct Tmpfs(tempfile::TempDir);
-
-impl Tmpfs {
-    fn mount(mib: u64) -> Option<Tmpfs> {
-        let dir = tempfile::tempdir().unwrap();
-        let ok = Command::new("mount")
-            .args([
-                "-t",
-                "tmpfs",
-                "-o",
-                &format!("size={mib}m,mode=0700"),
-                "tmpfs",
-            ])
-            .arg(dir.path())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        ok.then_some(Tmpfs(dir))
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(self.0.path()).status();
-    }
-}
 
 #[test]
 fn a_full_runtime_dir_is_reported_and_the_build_loads_when_space_returns() {

@@ -98,6 +98,43 @@ pub struct RunArgs {
     /// Call FN (no arguments) after every successful load and print its result
     #[arg(long, value_name = "FN")]
     pub then: Option<String>,
+    /// Keep the caches in an embedded store in DIR: a host started again on DIR is warm at once
+    #[arg(long, value_name = "DIR", env = "KEEPWARM_PERSIST")]
+    pub persist: Option<PathBuf>,
+    /// Bound the store of --persist to BYTES (keys plus values and SQLite's pages); the oldest entries go first [default: a quarter of the free space of DIR's file system]
+    #[arg(long, value_name = "BYTES", requires = "persist", value_parser = parse_bytes)]
+    pub persist_max_bytes: Option<u64>,
+}
+
+/// A byte count: `1048576`, `512K`, `64M`, `2G` (powers of 1024).
+pub fn parse_bytes(s: &str) -> Result<u64, String> {
+    let (digits, unit) = match s.trim().char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((i, _)) => s.trim().split_at(i),
+        None => (s.trim(), ""),
+    };
+    let shift = match unit
+        .trim()
+        .to_ascii_uppercase()
+        .trim_end_matches("IB")
+        .trim_end_matches('B')
+    {
+        "" => 0,
+        "K" => 10,
+        "M" => 20,
+        "G" => 30,
+        "T" => 40,
+        _ => {
+            return Err(format!(
+                "{s:?} is not a byte count (like 1048576, 512K, 64M, 2G)"
+            ))
+        }
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{s:?} is not a byte count (like 1048576, 512K, 64M, 2G)"))?;
+    n.checked_mul(1 << shift)
+        .filter(|&b| b > 0)
+        .ok_or_else(|| format!("{s:?} is out of range"))
 }
 
 fn parse_cache_bound(s: &str) -> Result<(String, Bounds), String> {
@@ -403,6 +440,17 @@ mod tests {
         assert_eq!(parse_call_arg("[1,2]"), serde_json::json!([1, 2]));
         assert_eq!(parse_call_arg("hello"), serde_json::json!("hello"));
         assert_eq!(parse_call_arg("\"10\""), serde_json::json!("10"));
+    }
+
+    #[test]
+    fn byte_counts_parse_with_units() {
+        assert_eq!(parse_bytes("1048576"), Ok(1 << 20));
+        assert_eq!(parse_bytes("512K"), Ok(512 << 10));
+        assert_eq!(parse_bytes("64MiB"), Ok(64 << 20));
+        assert_eq!(parse_bytes("2g"), Ok(2 << 30));
+        for bad in ["", "0", "12X", "-1", "M"] {
+            assert!(parse_bytes(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -124,6 +124,8 @@ fn run(args: RunArgs, socket: Option<std::path::PathBuf>) -> anyhow::Result<()> 
     let mut config = Config::new(&first);
     config.cache_bounds = args.caches.into_iter().collect();
     config.then = args.then;
+    config.persist = args.persist;
+    config.persist_max_bytes = args.persist_max_bytes;
     config.events = Some(crate::output::event_sink());
     Serve {
         config,
