@@ -186,6 +186,37 @@ impl SqliteTier {
         })
     }
 
+    /// Stores many entries of `cache` in one transaction (an import, a
+    /// benchmark's fixture); returns how many.
+    pub fn put_batch(
+        &self,
+        cache: &str,
+        entries: impl IntoIterator<Item = (Vec<u8>, Record)>,
+    ) -> Result<u64, TierError> {
+        let mut conn = self.conn.lock();
+        let tx = conn.transaction()?;
+        let mut n = 0;
+        {
+            let mut stmt = tx.prepare_cached(
+                "INSERT OR REPLACE INTO entries (cache, key, value, identity, born, cost)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )?;
+            for (key, r) in entries {
+                stmt.execute(params![
+                    cache,
+                    key,
+                    r.value,
+                    r.identity as i64,
+                    r.born_ms as i64,
+                    r.cost_ns as i64
+                ])?;
+                n += 1;
+            }
+        }
+        tx.commit()?;
+        Ok(n)
+    }
+
     /// DIR.
     pub fn dir(&self) -> &Path {
         &self.dir

@@ -83,6 +83,15 @@ fn on_threads(threads: usize, iters: u64, f: impl Fn(usize, u64) + Sync) -> Dura
 
 fn hits(c: &mut Criterion) {
     let host = start_host("bench_plugin");
+    // The same plugin on a host with --persist: a hit never reads the store.
+    let persist_dir = tempfile::tempdir().unwrap();
+    let persisted = {
+        let mut config = Config::new(built_release_library("bench_plugin"));
+        config.persist = Some(persist_dir.path().to_owned());
+        let host = Host::new(config).unwrap();
+        host.reload(false).unwrap();
+        host
+    };
     let mut g = c.benchmark_group("hit");
     for (name, klen, vlen) in SIZES {
         let cache = format!("hit_{name}");
@@ -107,6 +116,17 @@ fn hits(c: &mut Criterion) {
                 })
             });
         }
+        assert_eq!(
+            call(&persisted, "prepare", json!([cache, klen, vlen])),
+            true
+        );
+        g.bench_function(BenchmarkId::new("f_host_cache_handle_persist", name), |b| {
+            b.iter_custom(|iters| {
+                let start = Instant::now();
+                call(&persisted, "get_loop", json!([cache, klen, iters, true]));
+                start.elapsed()
+            })
+        });
         for threads in [1usize, 2] {
             g.bench_function(
                 BenchmarkId::new(format!("e_{threads}_threads_one_cache"), name),
@@ -227,9 +247,93 @@ fn evicting_puts(c: &mut Criterion) {
     g.finish();
 }
 
+/// A durable put (`--persist`: SQLite, one transaction per put, before the
+/// call answers) against an in-memory put, on the host's own cache type.
+fn durable_puts(c: &mut Criterion) {
+    use keepwarm::cache::{Cache, Durable};
+    use keepwarm::persist::SqliteTier;
+    let mut g = c.benchmark_group("put_durable");
+    let dir = tempfile::tempdir().unwrap();
+    let tier = Arc::new(SqliteTier::open(dir.path(), Some(1 << 40)).unwrap());
+    let durable = Arc::new(Durable::new(
+        tier,
+        Arc::new(|m: &str| panic!("store failed: {m}")),
+    ));
+    for (name, klen, vlen) in SIZES {
+        let value = vec![7u8; vlen];
+        let memory = Cache::new(format!("mem_{name}"), Bounds::default());
+        let stored = Cache::with_durable(
+            format!("dur_{name}"),
+            Bounds::default(),
+            Some(Arc::clone(&durable)),
+            0,
+        );
+        let keys: Vec<Vec<u8>> = (0..10_000).map(|i| key(klen, i)).collect();
+        for (row, cache) in [("a_memory_put", &memory), ("b_durable_put", &stored)] {
+            let mut i = 0usize;
+            g.bench_function(BenchmarkId::new(row, name), |b| {
+                b.iter(|| {
+                    i = (i + 1) % keys.len();
+                    cache.put(black_box(&keys[i]), black_box(&value)).unwrap();
+                })
+            });
+        }
+    }
+    g.finish();
+}
+
+/// Restart → first answer with 1,000,000 entries on disk: open the store,
+/// learn its caches, answer one key (read from disk on the memory miss).
+fn restart(c: &mut Criterion) {
+    use keepwarm::cache::{Durable, Store};
+    use keepwarm::persist::{Record, SqliteTier};
+    const ENTRIES: u64 = 1_000_000;
+    // Built once per machine (about 10 s), kept in the target directory.
+    let dir = keepwarm_tests::target_dir().join("bench-restart-1m");
+    let ready = dir.join("ready");
+    if !ready.exists() {
+        let _ = std::fs::remove_dir_all(&dir);
+        let tier = SqliteTier::open(&dir, Some(1 << 40)).unwrap();
+        for chunk in 0..ENTRIES / 100_000 {
+            let rows = (chunk * 100_000..(chunk + 1) * 100_000).map(|i| {
+                (
+                    key(64, i),
+                    Record {
+                        value: vec![9u8; 100],
+                        identity: 0,
+                        born_ms: keepwarm::persist::now_ms(),
+                        cost_ns: 1_000,
+                    },
+                )
+            });
+            tier.put_batch(&format!("cache{}", chunk % 10), rows)
+                .unwrap();
+        }
+        drop(tier);
+        std::fs::write(&ready, "").unwrap();
+    }
+    let mut g = c.benchmark_group("restart");
+    g.sample_size(20);
+    let probe = key(64, ENTRIES / 2 + 7);
+    let cache = format!("cache{}", (ENTRIES / 2 + 7) / 100_000 % 10);
+    g.bench_function("a_open_and_first_hit_1m_entries", |b| {
+        b.iter(|| {
+            let tier = SqliteTier::open(&dir, None).unwrap();
+            let durable = Arc::new(Durable::new(Arc::new(tier), Arc::new(|_: &str| {})));
+            let store = Store::with_durable(Default::default(), durable).unwrap();
+            let v = store
+                .cache(&cache)
+                .get(&probe)
+                .expect("the entry is on disk");
+            black_box(v.len())
+        })
+    });
+    g.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(2)).sample_size(30);
-    targets = hits, memo, evicting_puts
+    targets = hits, memo, evicting_puts, durable_puts, restart
 }
 criterion_main!(benches);

@@ -81,6 +81,14 @@ pub struct DevArgs {
     /// Bound a cache, as for `run`
     #[arg(long = "cache", value_name = "NAME=ENTRIES[:BYTES]", value_parser = parse_cache_bound)]
     pub caches: Vec<(String, Bounds)>,
+    /// Keep the caches in an embedded store in DIR (as `run --persist`)
+    #[arg(
+        long,
+        value_name = "DIR",
+        env = "KEEPWARM_PERSIST",
+        conflicts_with = "build_only"
+    )]
+    pub persist: Option<PathBuf>,
 }
 
 /// Arguments of `keepwarm run`.

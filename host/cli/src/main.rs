@@ -164,6 +164,7 @@ fn dev(args: DevArgs, socket: Option<std::path::PathBuf>) -> anyhow::Result<()> 
     }
     let mut config = Config::new(&built.library);
     config.cache_bounds = args.caches.into_iter().collect();
+    config.persist = args.persist;
     config.events = Some(crate::output::event_sink());
     Serve {
         config,
