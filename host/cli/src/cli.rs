@@ -365,7 +365,8 @@ pub fn stats_table(stats: &[CacheStats]) -> String {
     }
     if rows.is_empty() {
         out.push("(no caches yet)".to_owned());
-    } else {
+    } else if rows.len() > 1 {
+        // The sum of the column; one cache's row already says it.
         let saved: u64 = stats.iter().map(|s| s.saved_ns).sum();
         let compute: u64 = stats.iter().map(|s| s.compute_ns).sum();
         out.push(format!(
