@@ -116,13 +116,20 @@ impl std::fmt::Display for OpenError {
 pub struct SqliteTier {
     dir: PathBuf,
     conn: Mutex<Connection>,
-    /// Bytes the store may use (pages in use); the oldest entries are
-    /// dropped past it.
+    /// Bytes of keys plus values the store may hold; past it the oldest
+    /// entries are dropped.
     max_bytes: u64,
     puts: AtomicU64,
-    /// Past the bound at the last check: checked at every put until under.
-    over: AtomicBool,
+    /// Keys plus values in the store: counted at the first check, then
+    /// grown by each put (a replacement is counted twice until the next
+    /// exact count, so the estimate errs high).
+    payload: AtomicU64,
+    /// Whether `payload` was counted yet.
+    counted: AtomicBool,
     lock: Option<File>,
+    /// The thread that folds the write-ahead log into the database, off
+    /// the put path (a checkpoint fsyncs); stopped by `close`.
+    checkpointer: Mutex<Option<(std::sync::mpsc::Sender<()>, std::thread::JoinHandle<()>)>>,
     /// What opening found (a damaged file moved aside), for the host to say.
     pub notes: Vec<String>,
 }
@@ -175,12 +182,19 @@ impl SqliteTier {
             }
         };
         let max_bytes = max_bytes.unwrap_or_else(|| default_bound(dir));
+        // Puts never checkpoint (an fsync of the log and the database, ms):
+        // a thread of its own does, every second while there are writes.
+        conn.pragma_update(None, "wal_autocheckpoint", 0)
+            .map_err(|e| io("cannot configure", &path, e))?;
+        let checkpointer = spawn_checkpointer(&path).map_err(|e| io("cannot open", &path, e))?;
         Ok(SqliteTier {
+            checkpointer: Mutex::new(Some(checkpointer)),
             dir: dir.to_owned(),
             conn: Mutex::new(conn),
             max_bytes,
             puts: AtomicU64::new(0),
-            over: AtomicBool::new(false),
+            payload: AtomicU64::new(0),
+            counted: AtomicBool::new(false),
             lock: Some(lock),
             notes,
         })
@@ -227,30 +241,39 @@ impl SqliteTier {
         self.max_bytes
     }
 
-    /// Bytes of the pages in use.
-    fn used_bytes(conn: &Connection) -> Result<u64, TierError> {
-        let pragma = |name: &str| -> Result<u64, TierError> {
-            Ok(conn.query_row(&format!("PRAGMA {name}"), [], |r| r.get::<_, i64>(0))? as u64)
-        };
-        Ok(pragma("page_count")?.saturating_sub(pragma("freelist_count")?) * pragma("page_size")?)
+    /// Keys plus values in the store, and entries, counted (a scan).
+    fn count(conn: &Connection) -> Result<(u64, u64), TierError> {
+        Ok(conn.query_row(
+            "SELECT coalesce(sum(length(key) + length(value)), 0), count(*) FROM entries",
+            [],
+            |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)),
+        )?)
     }
 
-    /// Drops the oldest entries while the store is past its bound.
+    /// Past the bound (by the estimate, then by an exact count), drops the
+    /// entries stored longest ago, a twentieth of them at a time, until the
+    /// store holds at most 90 % of its bound.
     fn enforce_bound(&self, conn: &Connection) -> Result<(), TierError> {
-        let mut used = Self::used_bytes(conn)?;
-        let over = used > self.max_bytes;
-        self.over.store(over, Ordering::Relaxed);
-        while used > self.max_bytes {
-            let dropped = conn
-                .prepare_cached(
-                    "DELETE FROM entries WHERE id IN (SELECT id FROM entries ORDER BY id LIMIT 64)",
-                )?
-                .execute([])?;
-            if dropped == 0 {
-                break;
-            }
-            used = Self::used_bytes(conn)?;
+        if !self.counted.load(Ordering::Relaxed) {
+            let (bytes, _) = Self::count(conn)?;
+            self.payload.store(bytes, Ordering::Relaxed);
+            self.counted.store(true, Ordering::Relaxed);
         }
+        if self.payload.load(Ordering::Relaxed) <= self.max_bytes {
+            return Ok(());
+        }
+        let target = self.max_bytes / 10 * 9;
+        let (mut bytes, mut rows) = Self::count(conn)?;
+        while bytes > target && rows > 0 {
+            let batch = (rows / 20).max(64) as i64;
+            conn.prepare_cached(
+                "DELETE FROM entries WHERE (cache, key) IN
+                 (SELECT cache, key FROM entries ORDER BY born LIMIT ?1)",
+            )?
+            .execute(params![batch])?;
+            (bytes, rows) = Self::count(conn)?;
+        }
+        self.payload.store(bytes, Ordering::Relaxed);
         Ok(())
     }
 }
@@ -288,6 +311,32 @@ fn lock_dir(dir: &Path) -> Result<File, OpenError> {
     Ok(file)
 }
 
+/// How often the checkpointer folds the log into the database.
+const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Starts the thread that checkpoints the store at `path` (its own
+/// connection: a passive checkpoint runs beside the writer, never blocking
+/// it); it stops when the sender is dropped or sends.
+fn spawn_checkpointer(
+    path: &Path,
+) -> Result<(std::sync::mpsc::Sender<()>, std::thread::JoinHandle<()>), String> {
+    let conn = Connection::open(path).map_err(|e| e.to_string())?;
+    conn.busy_timeout(std::time::Duration::from_secs(1))
+        .map_err(|e| e.to_string())?;
+    let (stop, stopped) = std::sync::mpsc::channel::<()>();
+    let thread = std::thread::Builder::new()
+        .name("keepwarm-checkpoint".into())
+        .spawn(move || {
+            while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                stopped.recv_timeout(CHECKPOINT_EVERY)
+            {
+                let _ = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
+            }
+        })
+        .map_err(|e| e.to_string())?;
+    Ok((stop, thread))
+}
+
 /// A quarter of the free space under `dir`, at least 64 MiB.
 fn default_bound(dir: &Path) -> u64 {
     use std::os::unix::ffi::OsStrExt;
@@ -316,21 +365,20 @@ fn open_db(path: &Path) -> Result<Connection, rusqlite::Error> {
     conn.execute_batch(
         "PRAGMA synchronous=NORMAL;
          CREATE TABLE IF NOT EXISTS entries (
-             id INTEGER PRIMARY KEY,
              cache TEXT NOT NULL,
              key BLOB NOT NULL,
              value BLOB NOT NULL,
              identity INTEGER NOT NULL,
              born INTEGER NOT NULL,
-             cost INTEGER NOT NULL);
-         CREATE UNIQUE INDEX IF NOT EXISTS entries_by_key ON entries(cache, key);
+             cost INTEGER NOT NULL,
+             PRIMARY KEY (cache, key)) WITHOUT ROWID;
          CREATE TABLE IF NOT EXISTS caches (
              name TEXT PRIMARY KEY,
              identity INTEGER NOT NULL) WITHOUT ROWID;",
     )?;
     // Read a row: a file damaged past its header fails here, not later.
     conn.query_row("SELECT count(*) FROM caches", [], |r| r.get::<_, i64>(0))?;
-    conn.query_row("SELECT max(id) FROM entries", [], |r| {
+    conn.query_row("SELECT max(born) FROM entries", [], |r| {
         r.get::<_, Option<i64>>(0)
     })?;
     Ok(conn)
@@ -358,7 +406,7 @@ impl Tier for SqliteTier {
 
     fn put(&self, cache: &str, key: &[u8], r: &Record) -> Result<(), TierError> {
         let conn = self.conn.lock();
-        // A replaced entry moves to the newest place (a new id): the bound
+        // A replaced entry gets the time of its replacement: the bound
         // drops the entries written longest ago.
         conn.prepare_cached(
             "INSERT OR REPLACE INTO entries (cache, key, value, identity, born, cost)
@@ -372,8 +420,10 @@ impl Tier for SqliteTier {
             r.born_ms as i64,
             r.cost_ns as i64
         ])?;
+        self.payload
+            .fetch_add((key.len() + r.value.len()) as u64, Ordering::Relaxed);
         let n = self.puts.fetch_add(1, Ordering::Relaxed);
-        if n.is_multiple_of(CHECK_EVERY) || self.over.load(Ordering::Relaxed) {
+        if n.is_multiple_of(CHECK_EVERY) {
             self.enforce_bound(&conn)?;
         }
         Ok(())
@@ -399,7 +449,7 @@ impl Tier for SqliteTier {
     fn iter(&self, cache: &str, f: &mut dyn FnMut(&[u8], Record)) -> Result<(), TierError> {
         let conn = self.conn.lock();
         let mut stmt = conn.prepare_cached(
-            "SELECT key, value, identity, born, cost FROM entries WHERE cache = ?1 ORDER BY id",
+            "SELECT key, value, identity, born, cost FROM entries WHERE cache = ?1 ORDER BY born",
         )?;
         let mut rows = stmt.query(params![cache])?;
         while let Some(row) = rows.next()? {
@@ -432,6 +482,10 @@ impl Tier for SqliteTier {
         // Fold the write-ahead log into the database (the -wal file is
         // emptied), then drop the lock file; the lock itself goes with the
         // process. The store stays: it is what the next start reads.
+        if let Some((stop, thread)) = self.checkpointer.lock().take() {
+            drop(stop);
+            let _ = thread.join();
+        }
         let conn = self.conn.lock();
         let _ = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
         if self.lock.is_some() {

@@ -109,7 +109,7 @@ pub struct RunArgs {
     /// Keep the caches in an embedded store in DIR: a host started again on DIR is warm at once
     #[arg(long, value_name = "DIR", env = "KEEPWARM_PERSIST")]
     pub persist: Option<PathBuf>,
-    /// Bound the store of --persist to BYTES (keys plus values and SQLite's pages); the oldest entries go first [default: a quarter of the free space of DIR's file system]
+    /// Bound the store of --persist to BYTES of keys plus values; the oldest entries go first [default: a quarter of the free space of DIR's file system]
     #[arg(long, value_name = "BYTES", requires = "persist", value_parser = parse_bytes)]
     pub persist_max_bytes: Option<u64>,
 }

@@ -279,3 +279,59 @@ mod tests {
         assert!(find_artifact([lines[0]]).is_none());
     }
 }
+
+#[cfg(test)]
+mod picking {
+    use super::pick_package;
+
+    /// A workspace of two cdylib crates at `root` (no dependencies, so
+    /// `cargo metadata` needs no network), `default` its default members.
+    fn workspace(root: &std::path::Path, default: &[&str]) {
+        let members = ["alpha", "beta"];
+        let list = |names: &[&str]| {
+            names
+                .iter()
+                .map(|n| format!("{n:?}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let mut manifest = format!("[workspace]\nmembers = [{}]\n", list(&members));
+        if !default.is_empty() {
+            manifest.push_str(&format!("default-members = [{}]\n", list(default)));
+        }
+        std::fs::write(root.join("Cargo.toml"), manifest).unwrap();
+        for name in members {
+            let dir = root.join(name);
+            std::fs::create_dir_all(dir.join("src")).unwrap();
+            std::fs::write(
+                dir.join("Cargo.toml"),
+                format!("[package]\nname = \"{name}\"\nversion = \"0.1.0\"\nedition = \"2021\"\n\n[lib]\ncrate-type = [\"cdylib\"]\n"),
+            )
+            .unwrap();
+            std::fs::write(dir.join("src/lib.rs"), "").unwrap();
+        }
+    }
+
+    #[test]
+    fn exactly_one_default_member_is_the_choice_and_several_cdylibs_are_refused() {
+        let one = tempfile::tempdir().unwrap();
+        workspace(one.path(), &["beta"]);
+        assert_eq!(pick_package(one.path()).unwrap().as_deref(), Some("beta"));
+
+        let none = tempfile::tempdir().unwrap();
+        workspace(none.path(), &[]);
+        let e = pick_package(none.path()).unwrap_err().to_string();
+        assert!(
+            e.contains("several cdylib packages: alpha, beta; pass -p NAME"),
+            "{e}"
+        );
+
+        // In a member's directory, that member.
+        assert_eq!(
+            pick_package(&none.path().join("alpha/src"))
+                .unwrap()
+                .as_deref(),
+            Some("alpha")
+        );
+    }
+}
