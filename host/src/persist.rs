@@ -126,6 +126,9 @@ pub struct SqliteTier {
     payload: AtomicU64,
     /// Whether `payload` was counted yet.
     counted: AtomicBool,
+    /// The caches known to have their row in `caches` (so that a restart
+    /// learns them without scanning the entries).
+    listed: Mutex<std::collections::HashSet<String>>,
     lock: Option<File>,
     /// The thread that folds the write-ahead log into the database, off
     /// the put path (a checkpoint fsyncs); stopped by `close`.
@@ -195,6 +198,7 @@ impl SqliteTier {
             puts: AtomicU64::new(0),
             payload: AtomicU64::new(0),
             counted: AtomicBool::new(false),
+            listed: Mutex::new(std::collections::HashSet::new()),
             lock: Some(lock),
             notes,
         })
@@ -208,6 +212,7 @@ impl SqliteTier {
         entries: impl IntoIterator<Item = (Vec<u8>, Record)>,
     ) -> Result<u64, TierError> {
         let mut conn = self.conn.lock();
+        self.list(&conn, cache)?;
         let tx = conn.transaction()?;
         let mut n = 0;
         {
@@ -229,6 +234,18 @@ impl SqliteTier {
         }
         tx.commit()?;
         Ok(n)
+    }
+
+    /// Gives `cache` its row in `caches` (identity 0 until declared), once
+    /// per process.
+    fn list(&self, conn: &Connection, cache: &str) -> Result<(), TierError> {
+        let mut listed = self.listed.lock();
+        if !listed.contains(cache) {
+            conn.prepare_cached("INSERT OR IGNORE INTO caches (name, identity) VALUES (?1, 0)")?
+                .execute(params![cache])?;
+            listed.insert(cache.to_owned());
+        }
+        Ok(())
     }
 
     /// DIR.
@@ -356,6 +373,7 @@ fn default_bound(dir: &Path) -> u64 {
 
 /// Opens the database, checks that it is one, and makes the schema.
 fn open_db(path: &Path) -> Result<Connection, rusqlite::Error> {
+    check_length(path)?;
     let conn = Connection::open(path)?;
     conn.busy_timeout(std::time::Duration::from_secs(5))?;
     // WAL with synchronous=NORMAL: a commit is in the WAL file (the
@@ -378,10 +396,44 @@ fn open_db(path: &Path) -> Result<Connection, rusqlite::Error> {
     )?;
     // Read a row: a file damaged past its header fails here, not later.
     conn.query_row("SELECT count(*) FROM caches", [], |r| r.get::<_, i64>(0))?;
-    conn.query_row("SELECT max(born) FROM entries", [], |r| {
-        r.get::<_, Option<i64>>(0)
-    })?;
+    conn.query_row(
+        "SELECT count(*) FROM (SELECT born FROM entries LIMIT 1)",
+        [],
+        |r| r.get::<_, i64>(0),
+    )?;
     Ok(conn)
+}
+
+/// A store file shorter than its own header says is truncated: found at
+/// open from the first 100 bytes, without reading the rest (a scan of a
+/// million entries would cost the restart a second).
+fn check_length(path: &Path) -> Result<(), rusqlite::Error> {
+    let Ok(mut file) = File::open(path) else {
+        return Ok(());
+    };
+    let mut header = [0u8; 100];
+    let len = file.metadata().map_or(0, |m| m.len());
+    if len < 100 || file.read_exact(&mut header).is_err() || &header[..16] != b"SQLite format 3\0" {
+        // Empty (new), or not SQLite at all: SQLite itself says which.
+        return Ok(());
+    }
+    let page = match u16::from_be_bytes([header[16], header[17]]) {
+        1 => 65_536,
+        n => u64::from(n),
+    };
+    let pages = u64::from(u32::from_be_bytes([
+        header[28], header[29], header[30], header[31],
+    ]));
+    if len < pages * page {
+        return Err(rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CORRUPT),
+            Some(format!(
+                "truncated: the file has {len} bytes, its header says {}",
+                pages * page
+            )),
+        ));
+    }
+    Ok(())
 }
 
 fn record(row: &rusqlite::Row<'_>, first: usize) -> rusqlite::Result<Record> {
@@ -406,6 +458,7 @@ impl Tier for SqliteTier {
 
     fn put(&self, cache: &str, key: &[u8], r: &Record) -> Result<(), TierError> {
         let conn = self.conn.lock();
+        self.list(&conn, cache)?;
         // A replaced entry gets the time of its replacement: the bound
         // drops the entries written longest ago.
         conn.prepare_cached(
@@ -461,11 +514,7 @@ impl Tier for SqliteTier {
 
     fn caches(&self) -> Result<Vec<(String, u64)>, TierError> {
         let conn = self.conn.lock();
-        let mut stmt = conn.prepare_cached(
-            "SELECT name, identity FROM caches
-             UNION SELECT DISTINCT cache, 0 FROM entries WHERE cache NOT IN (SELECT name FROM caches)
-             ORDER BY 1",
-        )?;
+        let mut stmt = conn.prepare_cached("SELECT name, identity FROM caches ORDER BY name")?;
         let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64)))?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
@@ -539,7 +588,11 @@ mod tests {
         );
         assert_eq!(t.get("square", b"k2").unwrap(), None);
         assert_eq!(t.get("other", b"k").unwrap(), None);
-        assert_eq!(t.caches().unwrap(), [("square".to_owned(), 7)]);
+        // A reset cache is still a cache; its identity is kept.
+        assert_eq!(
+            t.caches().unwrap(),
+            [("other".to_owned(), 0), ("square".to_owned(), 7)]
+        );
         assert_eq!(t.figures("square").unwrap(), (1, 4));
         let mut seen = Vec::new();
         t.iter("square", &mut |k, r| seen.push((k.to_vec(), r.value)))

@@ -218,6 +218,8 @@ fn a_damaged_store_is_moved_aside_and_the_host_starts_empty() {
         .unwrap();
     let _ = std::fs::remove_file(dir.path().join("caches.sqlite-wal"));
     let host = host_on(&lib, dir.path());
+    let line = host.wait_for("was damaged");
+    assert!(line.contains("truncated"), "{line}");
     assert_eq!(host.call("square", &["4"]), 16);
 }
 
