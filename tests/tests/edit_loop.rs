@@ -16,6 +16,8 @@ fn each_build_reloads_exactly_once() {
         assert_eq!(host.call("version", &[]), format!("v{n}"));
     }
     std::thread::sleep(std::time::Duration::from_millis(500));
+    // The line reaches the reader thread after the answer: wait for it.
+    host.wait_for_nth("reloaded", 3);
     assert_eq!(
         host.count("reloaded"),
         3,
@@ -63,11 +65,15 @@ fn dev_rebuilds_on_edit_and_survives_a_compile_error() {
     host.wait_for("generation 3 reloaded");
     assert_eq!(host.call("version", &[]), "v3");
     assert_eq!(host.call("square", &["10"]), 100);
+    // The line reaches the reader thread after the answer: wait for it.
+    host.wait_for_nth("Squaring 10", 1);
     assert_eq!(
         host.count("Squaring 10"),
         1,
         "square stayed cached through it all"
     );
+    // The line reaches the reader thread after the answer: wait for it.
+    host.wait_for_nth("reloaded", 2);
     assert_eq!(host.count("reloaded"), 2, "{:?}", host.lines());
 }
 

@@ -16,6 +16,8 @@ fn rebuild_keeps_square_cache_and_reset_square_recomputes() {
     host.wait_for("[gen 1] Squaring 10");
     assert_eq!(host.call("square", &["10"]), 100);
     assert_eq!(host.call("version", &[]), "v1");
+    // The line reaches the reader thread after the answer: wait for it.
+    host.wait_for_nth("Squaring 10", 1);
     assert_eq!(
         host.count("Squaring 10"),
         1,
@@ -39,6 +41,8 @@ fn rebuild_keeps_square_cache_and_reset_square_recomputes() {
     );
     assert_eq!(host.call("version", &[]), "v2");
     assert_eq!(host.call("square", &["10"]), 100);
+    // The line reaches the reader thread after the answer: wait for it.
+    host.wait_for_nth("Squaring 10", 1);
     assert_eq!(
         host.count("Squaring 10"),
         1,
@@ -56,6 +60,8 @@ fn rebuild_keeps_square_cache_and_reset_square_recomputes() {
     let stats = host.stats();
     assert_eq!(stats["square"]["resets"], 1);
     assert_eq!(host.status()["generation"], 2);
+    // The line reaches the reader thread after the answer: wait for it.
+    host.wait_for_nth("generation 2", 1);
     assert_eq!(
         host.count("generation 2"),
         1,

@@ -151,6 +151,8 @@ fn in_place_rewrites_are_loaded_only_once_complete() {
     host.wait_for("generation 4 reloaded");
     assert_eq!(host.call("version", &[]), "a");
     assert_eq!(host.count("refused"), 0, "{:?}", host.lines());
+    // The line reaches the reader thread after the answer: wait for it.
+    host.wait_for_nth("reloaded", 3);
     assert_eq!(host.count("reloaded"), 3, "{:?}", host.lines());
 }
 

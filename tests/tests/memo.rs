@@ -13,6 +13,8 @@ fn concurrent_misses_compute_once() {
         calls.into_iter().map(|c| c.join().unwrap()).collect()
     });
     assert_eq!(answers, vec![serde_json::json!(9); 4]);
+    // The line reaches the reader thread after the answer: wait for it.
+    host.wait_for_nth("computing slow_square 3", 1);
     assert_eq!(
         host.count("computing slow_square 3"),
         1,
@@ -46,6 +48,8 @@ fn reset_during_a_computation_does_not_store_the_stale_value() {
         "{slow}"
     );
     assert_eq!(host.call("slow_square", &["5"]), 25);
+    // The line reaches the reader thread after the answer: wait for it.
+    host.wait_for_nth("computing slow_square 5", 2);
     assert_eq!(
         host.count("computing slow_square 5"),
         2,
@@ -181,6 +185,8 @@ fn raw_abi_plugin_caches_by_hand() {
     assert_eq!(host.call("version", &[]), "raw-abi");
     assert_eq!(host.call("square", &["12"]), 144);
     assert_eq!(host.call("square", &["12"]), 144);
+    // The line reaches the reader thread after the answer: wait for it.
+    host.wait_for_nth("raw: squaring 12", 1);
     assert_eq!(host.count("raw: squaring 12"), 1);
     let raw = &host.stats()["raw_square"];
     assert_eq!(

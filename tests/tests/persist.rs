@@ -284,6 +284,8 @@ fn a_full_disk_fails_puts_softly_and_calls_still_answer() {
     }
     let square = figures(&host, "square");
     assert!(square["store_errors"].as_u64().unwrap() > 0, "{square}");
+    // The line reaches the reader thread after the answer: wait for it.
+    host.wait_for_nth("the cache store failed", 1);
     assert_eq!(
         host.count("the cache store failed"),
         1,

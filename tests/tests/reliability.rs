@@ -158,6 +158,8 @@ fn half_written_library_is_not_loaded() {
     );
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(host.count("refused"), 0, "{:?}", host.lines());
+    // The line reaches the reader thread after the answer: wait for it.
+    host.wait_for_nth("reloaded", 1);
     assert_eq!(
         host.count("reloaded"),
         1,
@@ -226,6 +228,8 @@ fn same_build_twice_reloads_once() {
     now.set_modified(std::time::SystemTime::now()).unwrap();
     drop(now);
     std::thread::sleep(Duration::from_millis(500));
+    // The line reaches the reader thread after the answer: wait for it.
+    host.wait_for_nth("reloaded", 1);
     assert_eq!(host.count("reloaded"), 1, "{:?}", host.lines());
     assert_eq!(host.status()["generation"], 2);
 }

@@ -385,6 +385,8 @@ keepwarm_api::plugin!"#,
     // Warm: hits.
     host.cli(&["call", "pair", "3"]);
     host.call("widen", &["4"]);
+    // The line reaches the reader thread after the answer: wait for it.
+    host.wait_for_nth("pair(3) computed", 1);
     assert_eq!(host.count("pair(3) computed"), 1);
     let before = host.stats();
     assert_eq!(before["pair"]["hits"], 1);
@@ -424,6 +426,8 @@ keepwarm_api::plugin!"#,
     let last = host.stats();
     assert_eq!(last["pair"]["hits"], 2);
     assert_eq!(last["pair"]["shape_mismatch"], 1);
+    // The line reaches the reader thread after the answer: wait for it.
+    host.wait_for_nth("pair(3) computed", 2);
     assert_eq!(host.count("pair(3) computed"), 2);
 }
 
@@ -479,6 +483,8 @@ pub fn shout(word: String) -> String {
         "same key: 17 / 10 == 15 / 10"
     );
     assert_eq!(host.call("decade", &["23"]), 20);
+    // The line reaches the reader thread after the answer: wait for it.
+    host.wait_for_nth("decade(", 2);
     assert_eq!(host.count("decade("), 2, "{:?}", host.lines());
     assert_eq!(host.stats()["decade"]["hits"], 1);
     // `keepwarm stats FN`: the function's cache_info() (hits, misses,
@@ -505,5 +511,7 @@ pub fn shout(word: String) -> String {
     assert_eq!(out.stdout.trim(), "\"HELLO\"", "{out:?}");
     let out = host.cli(&["call", "shout", "hELLO"]);
     assert_eq!(out.stdout.trim(), "\"HELLO\"", "{out:?}");
+    // The line reaches the reader thread after the answer: wait for it.
+    host.wait_for_nth("shout(", 1);
     assert_eq!(host.count("shout("), 1);
 }
