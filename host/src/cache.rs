@@ -755,6 +755,16 @@ impl Cache {
         }
     }
 
+    /// [`Cache::stats`] with `persisted_entries` and `persisted_bytes`
+    /// counted in the durable store (a scan of the cache's keys there).
+    pub fn stats_with_store(&self) -> CacheStats {
+        let (entries, bytes) = self.persisted();
+        let mut s = self.stats();
+        s.persisted_entries = entries;
+        s.persisted_bytes = bytes;
+        s
+    }
+
     /// Entries and bytes of this cache in the durable store (0, 0 without
     /// one); counted in the store, so it costs a scan of the cache's keys.
     pub fn persisted(&self) -> (u64, u64) {
@@ -959,6 +969,8 @@ impl Cache {
             expired: inner.expired,
             compute_ns: inner.compute_ns,
             saved_ns: inner.saved_ns,
+            // Counted in the store by `stats_with_store`, not here: this
+            // snapshot is taken at every reload.
             persisted_entries: 0,
             persisted_bytes: 0,
             store_errors: inner.store_errors,
@@ -1161,9 +1173,10 @@ impl Store {
         v
     }
 
-    /// The figures of every cache, sorted by name.
+    /// The figures of every cache, sorted by name, with what the durable
+    /// store holds of each ([`Cache::stats_with_store`]).
     pub fn stats(&self) -> Vec<CacheStats> {
-        self.all().iter().map(|c| c.stats()).collect()
+        self.all().iter().map(|c| c.stats_with_store()).collect()
     }
 }
 

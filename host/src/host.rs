@@ -1065,22 +1065,14 @@ impl Host {
 
     /// Figures of every cache, or of one.
     pub fn stats(&self, cache: Option<&str>) -> Option<Vec<CacheStats>> {
-        let caches = match cache {
-            None => self.shared.store.all(),
-            Some(name) => vec![self.shared.store.get(name)?],
-        };
-        Some(
-            caches
-                .iter()
-                .map(|c| {
-                    let (entries, bytes) = c.persisted();
-                    let mut s = c.stats();
-                    s.persisted_entries = entries;
-                    s.persisted_bytes = bytes;
-                    s
-                })
-                .collect(),
-        )
+        match cache {
+            None => Some(self.shared.store.stats()),
+            Some(name) => self
+                .shared
+                .store
+                .get(name)
+                .map(|c| vec![c.stats_with_store()]),
+        }
     }
 
     /// Resets one cache; `None` if there is no cache of that name.

@@ -216,19 +216,9 @@ impl SqliteTier {
         let tx = conn.transaction()?;
         let mut n = 0;
         {
-            let mut stmt = tx.prepare_cached(
-                "INSERT OR REPLACE INTO entries (cache, key, value, identity, born, cost)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            )?;
+            let mut stmt = tx.prepare_cached(INSERT)?;
             for (key, r) in entries {
-                stmt.execute(params![
-                    cache,
-                    key,
-                    r.value,
-                    r.identity as i64,
-                    r.born_ms as i64,
-                    r.cost_ns as i64
-                ])?;
+                insert(&mut stmt, cache, &key, &r)?;
                 n += 1;
             }
         }
@@ -436,6 +426,28 @@ fn check_length(path: &Path) -> Result<(), rusqlite::Error> {
     Ok(())
 }
 
+/// Stores or replaces one entry (with [`insert`]).
+const INSERT: &str = "INSERT OR REPLACE INTO entries (cache, key, value, identity, born, cost)
+                      VALUES (?1, ?2, ?3, ?4, ?5, ?6)";
+
+/// Runs [`INSERT`] for one entry (the u64 fields stored as SQLite's i64,
+/// bit for bit).
+fn insert(
+    stmt: &mut rusqlite::CachedStatement<'_>,
+    cache: &str,
+    key: &[u8],
+    r: &Record,
+) -> rusqlite::Result<usize> {
+    stmt.execute(params![
+        cache,
+        key,
+        r.value,
+        r.identity as i64,
+        r.born_ms as i64,
+        r.cost_ns as i64
+    ])
+}
+
 fn record(row: &rusqlite::Row<'_>, first: usize) -> rusqlite::Result<Record> {
     Ok(Record {
         value: row.get(first)?,
@@ -461,18 +473,7 @@ impl Tier for SqliteTier {
         self.list(&conn, cache)?;
         // A replaced entry gets the time of its replacement: the bound
         // drops the entries written longest ago.
-        conn.prepare_cached(
-            "INSERT OR REPLACE INTO entries (cache, key, value, identity, born, cost)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-        )?
-        .execute(params![
-            cache,
-            key,
-            r.value,
-            r.identity as i64,
-            r.born_ms as i64,
-            r.cost_ns as i64
-        ])?;
+        insert(&mut conn.prepare_cached(INSERT)?, cache, key, r)?;
         self.payload
             .fetch_add((key.len() + r.value.len()) as u64, Ordering::Relaxed);
         let n = self.puts.fetch_add(1, Ordering::Relaxed);

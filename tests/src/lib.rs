@@ -613,3 +613,29 @@ impl Drop for Tmpfs {
         let _ = Command::new("umount").arg("-l").arg(self.0.path()).status();
     }
 }
+
+/// A python3 script driving a program in a pseudo-terminal: `body`, after
+/// the imports and a `read_until(marker)` that reads the terminal `fd`
+/// into `out` until `marker` shows (failing after two minutes with what
+/// the terminal showed). `body` forks the terminal (`pid, fd =
+/// pty.fork()`) before it reads.
+pub fn pty_python(body: &str) -> String {
+    const PRELUDE: &str = r#"
+import os, pty, select, signal, sys, time
+out = b""
+def read_until(marker):
+    global out
+    end = time.time() + 120
+    while marker not in out:
+        r, _, _ = select.select([fd], [], [], 0.2)
+        if r:
+            try:
+                out += os.read(fd, 65536)
+            except OSError:
+                break
+        if time.time() > end:
+            sys.stdout.write(out.decode(errors="replace"))
+            raise SystemExit("timeout waiting for %r" % marker)
+"#;
+    format!("{PRELUDE}{body}")
+}

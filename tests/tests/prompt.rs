@@ -7,25 +7,10 @@ use std::process::Command;
 use keepwarm_tests::{built_library, keepwarm_bin};
 
 const DRIVER: &str = r#"
-import os, pty, select, sys, time
 binary, lib, sock = sys.argv[1:4]
 pid, fd = pty.fork()
 if pid == 0:
     os.execv(binary, [binary, "run", lib, "--socket", sock])
-out = b""
-def read_until(marker):
-    global out
-    end = time.time() + 60
-    while marker not in out:
-        r, _, _ = select.select([fd], [], [], 0.2)
-        if r:
-            try:
-                out += os.read(fd, 65536)
-            except OSError:
-                break
-        if time.time() > end:
-            sys.stdout.write(out.decode(errors="replace"))
-            raise SystemExit("timeout waiting for %r" % marker)
 def command(keys, marker):
     global out
     out_before = len(out)
@@ -65,7 +50,7 @@ fn the_prompt_runs_commands_completes_names_and_quits() {
     let dir = tempfile::tempdir().unwrap();
     let out = Command::new("python3")
         .arg("-c")
-        .arg(DRIVER)
+        .arg(keepwarm_tests::pty_python(DRIVER))
         .arg(keepwarm_bin())
         .arg(built_library("example-plugin"))
         .arg(dir.path().join("prompt.sock"))
@@ -128,25 +113,10 @@ fn the_prompt_runs_commands_completes_names_and_quits() {
 }
 
 const LEAVE: &str = r#"
-import os, pty, select, signal, sys, time
 binary, lib, sock, way = sys.argv[1:5]
 pid, fd = pty.fork()
 if pid == 0:
     os.execv(binary, [binary, "run", lib, "--socket", sock])
-out = b""
-def read_until(marker):
-    global out
-    end = time.time() + 60
-    while marker not in out:
-        r, _, _ = select.select([fd], [], [], 0.2)
-        if r:
-            try:
-                out += os.read(fd, 65536)
-            except OSError:
-                break
-        if time.time() > end:
-            sys.stdout.write(out.decode(errors="replace"))
-            raise SystemExit("timeout waiting for %r" % marker)
 read_until(b"keepwarm> ")
 if way == "quit":
     os.write(fd, b"quit\r")
@@ -170,7 +140,7 @@ fn every_way_out_of_the_prompt_leaves_nothing_behind() {
         let dir = tempfile::tempdir().unwrap();
         let out = Command::new("python3")
             .arg("-c")
-            .arg(LEAVE)
+            .arg(keepwarm_tests::pty_python(LEAVE))
             .arg(keepwarm_bin())
             .arg(built_library("example-plugin"))
             .arg(dir.path().join("prompt.sock"))

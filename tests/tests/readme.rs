@@ -69,25 +69,10 @@ fn normal(line: &str) -> String {
 }
 
 const DRIVER: &str = r#"
-import os, pty, select, sys, time
 binary, lib, script, build_dir, cargo_target = sys.argv[1:6]
 pid, fd = pty.fork()
 if pid == 0:
     os.execv(binary, [binary, "run", lib])
-out = b""
-def read_until(marker):
-    global out
-    end = time.time() + 120
-    while marker not in out:
-        r, _, _ = select.select([fd], [], [], 0.2)
-        if r:
-            try:
-                out += os.read(fd, 65536)
-            except OSError:
-                break
-        if time.time() > end:
-            sys.stdout.write(out.decode(errors="replace"))
-            raise SystemExit("timeout waiting for %r" % marker)
 read_until(b"keepwarm> ")
 for step in script.split("\n"):
     kind, _, arg = step.partition(" ")
@@ -215,7 +200,8 @@ fn the_first_screen_of_the_readme_is_what_a_real_session_prints() {
 
     let dir = tempfile::tempdir().unwrap();
     let out = Command::new("python3")
-        .args(["-c", DRIVER])
+        .arg("-c")
+        .arg(keepwarm_tests::pty_python(DRIVER))
         .arg(keepwarm_bin())
         .arg(&lib)
         .arg(script.join("\n"))

@@ -66,7 +66,7 @@ fn control(command: &ControlCommand, socket: Option<std::path::PathBuf>, timeout
     };
     let mut request = command.to_request();
     // A long call gets a live line (and a progress bar) on a terminal.
-    let _live = match &mut request {
+    let live = match &mut request {
         Request::Call { tag, .. } => {
             let mine = crate::live::new_tag();
             *tag = Some(mine.clone());
@@ -89,7 +89,7 @@ fn control(command: &ControlCommand, socket: Option<std::path::PathBuf>, timeout
         _ => None,
     };
     let answer = crate::client::request_within(&socket, &request, timeout);
-    drop(_live);
+    drop(live);
     match answer {
         Ok(response) => {
             let rendered = command.render(&response);
