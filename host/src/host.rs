@@ -31,6 +31,10 @@ pub struct Config {
     /// The durable store's byte bound (`--persist-max-bytes`); `None`: a
     /// quarter of the free space of its file system.
     pub persist_max_bytes: Option<u64>,
+    /// Set in a worker of `keepwarm run`'s supervisor: the build to start
+    /// on, the builds not to load, the crashes so far (see
+    /// [`crate::supervision`]).
+    pub supervised: Option<crate::supervision::Supervised>,
 }
 
 impl Config {
@@ -43,6 +47,7 @@ impl Config {
             then: None,
             persist: None,
             persist_max_bytes: None,
+            supervised: None,
         }
     }
 
@@ -102,6 +107,15 @@ pub struct Status {
     pub calls_in_flight: Vec<crate::in_flight::CallInFlight>,
     /// Each function of `functions` with its signature, in the same order.
     pub signatures: Vec<crate::signature::Signature>,
+    /// The PID of the process running plugin code (`pid` is the supervisor's
+    /// when one runs it, the same otherwise).
+    pub worker_pid: u32,
+    /// Times the supervisor restarted the worker after a crash.
+    pub restarts: u64,
+    /// The last crash, if any.
+    pub last_crash: Option<crate::supervision::Crash>,
+    /// Builds that are not loaded again until the file changes.
+    pub bad_builds: Vec<crate::supervision::BadBuild>,
 }
 
 /// One plugin's part of [`Status`].
@@ -209,6 +223,14 @@ impl Status {
                 .iter()
                 .map(crate::signature::Signature::to_json)
                 .collect::<Vec<_>>(),
+            "worker_pid": self.worker_pid,
+            "restarts": self.restarts,
+            "last_crash": self.last_crash.as_ref().map(crate::supervision::Crash::to_json),
+            "bad_builds": self
+                .bad_builds
+                .iter()
+                .map(crate::supervision::BadBuild::to_json)
+                .collect::<Vec<_>>(),
         })
     }
 
@@ -232,8 +254,13 @@ impl Status {
                 "plugins",
                 "calls_in_flight",
                 "signatures",
+                "worker_pid",
+                "restarts",
+                "last_crash",
+                "bad_builds",
             ],
         )?;
+        let pid = u32::try_from(o.u64("pid")?).map_err(|e| format!("pid: {e}"))?;
         Ok(Status {
             library: o.str("library")?,
             plugin: o.opt_str("plugin")?,
@@ -245,7 +272,7 @@ impl Status {
             failed_reloads: o.u64("failed_reloads")?,
             load_ms: o.opt_f64("load_ms")?,
             loaded_at: o.opt_f64("loaded_at")?,
-            pid: u32::try_from(o.u64("pid")?).map_err(|e| format!("pid: {e}"))?,
+            pid,
             plugins: o
                 .array_or_empty("plugins")?
                 .iter()
@@ -260,6 +287,20 @@ impl Status {
                 .array_or_empty("signatures")?
                 .iter()
                 .map(crate::signature::Signature::from_json)
+                .collect::<Result<_, _>>()?,
+            worker_pid: match o.opt_u64("worker_pid")? {
+                Some(w) => u32::try_from(w).map_err(|e| format!("worker_pid: {e}"))?,
+                None => pid,
+            },
+            restarts: o.u64_or_0("restarts")?,
+            last_crash: match value.get("last_crash") {
+                None | Some(serde_json::Value::Null) => None,
+                Some(c) => Some(crate::supervision::Crash::from_json(c)?),
+            },
+            bad_builds: o
+                .array_or_empty("bad_builds")?
+                .iter()
+                .map(crate::supervision::BadBuild::from_json)
                 .collect::<Result<_, _>>()?,
         })
     }
@@ -283,6 +324,9 @@ pub enum Reloaded {
 
 struct ReloadState {
     next_generation: u64,
+    /// The first load reads this copy of a build that worked, as this
+    /// generation (a supervised worker's restart).
+    start_from: Option<(PathBuf, u64)>,
     /// Set by [`Host::shutdown`]: nothing loads any more.
     shut_down: bool,
     /// The content that failed last, so the same broken bytes are reported once.
@@ -300,11 +344,25 @@ struct Shared {
     loads: std::sync::atomic::AtomicU64,
     /// The calls running now.
     calls: Arc<crate::in_flight::Calls>,
+    /// What the supervisor said, when a supervisor runs this host.
+    supervised: Option<crate::supervision::Supervised>,
+    /// Builds not to load (a supervisor found they crash), with how.
+    bad_builds: RwLock<Vec<crate::supervision::BadBuild>>,
 }
 
 impl Shared {
     fn emit(&self, event: &Event) {
         send(&self.events, event)
+    }
+
+    /// How the build with content `hash` crashed, if a supervisor found it
+    /// bad.
+    fn crashed(&self, hash: u32) -> Option<String> {
+        self.bad_builds
+            .read()
+            .iter()
+            .find(|b| b.hash == hash)
+            .map(|b| format!("{}, as generation {}", b.why, b.generation))
     }
 
     /// The sink the host tables of this host's generations report to (it
@@ -402,16 +460,21 @@ pub struct Host {
 
 impl Plugin {
     fn new(index: usize, library: PathBuf, shared: Arc<Shared>) -> Plugin {
+        let supervised = shared.supervised.as_ref();
+        let state = ReloadState {
+            next_generation: supervised.map_or(1, |s| s.next_generation.max(1)),
+            start_from: supervised
+                .and_then(|s| s.start_from.clone())
+                .filter(|_| index == 0),
+            shut_down: false,
+            failed_hash: None,
+        };
         Plugin {
             index,
             library,
             shared,
             current: RwLock::new(None),
-            reload: Mutex::new(ReloadState {
-                next_generation: 1,
-                shut_down: false,
-                failed_hash: None,
-            }),
+            reload: Mutex::new(state),
             last_error: Mutex::new(None),
             last_transient: Mutex::new(None),
             waiting: Mutex::new(None),
@@ -466,7 +529,9 @@ impl Plugin {
         if state.shut_down {
             return Ok(Reloaded::Unchanged);
         }
-        let (bytes, file) = match crate::loader::read_library(&self.library) {
+        let start_from = state.start_from.take();
+        let from = start_from.as_ref().map_or(&self.library, |(path, _)| path);
+        let (bytes, file) = match crate::loader::read_library(from) {
             Ok(read) => read,
             Err(e) => {
                 let quiet = matches!(e, LoadError::Missing(_))
@@ -489,15 +554,42 @@ impl Plugin {
             *self.seen.lock() = Some((file, self.last_error.lock().clone()));
             return Ok(Reloaded::Unchanged);
         }
-        let number = state.next_generation;
-        let result = self.load_generation(number, hash, file, &bytes, started);
+        let number = start_from.as_ref().map_or(state.next_generation, |s| s.1);
+        let crashed = (!force)
+            .then(|| self.shared.crashed(hash))
+            .flatten()
+            .map(LoadError::Crashed);
+        let result = match crashed {
+            Some(e) => Err(e),
+            None => {
+                if self.index == 0 {
+                    crate::supervision::note_loading(number, hash);
+                }
+                let result = self.load_generation(number, hash, file, &bytes, started);
+                if self.index == 0 {
+                    crate::supervision::note_load_over(
+                        result.as_ref().ok().map(|_| (number, hash)),
+                    );
+                }
+                result
+            }
+        };
+        if start_from.is_some() {
+            // Read from a kept copy: what the watched path holds is still to
+            // be looked at.
+            *self.seen.lock() = None;
+        }
         match result {
             Ok((generation, reset)) => {
-                state.next_generation += 1;
+                state.next_generation = state.next_generation.max(number + 1);
+                // A bad build that a forced reload retried, and that loaded.
+                self.shared.bad_builds.write().retain(|b| b.hash != hash);
                 state.failed_hash = None;
                 *self.last_transient.lock() = None;
                 *self.last_error.lock() = None;
-                *self.seen.lock() = Some((file, None));
+                if start_from.is_none() {
+                    *self.seen.lock() = Some((file, None));
+                }
                 let event = self.loaded_event(&generation, &reset);
                 // The swap: new calls go to the new generation at once; the
                 // old one retires when its in-flight calls drop their Arcs.
@@ -543,7 +635,7 @@ impl Plugin {
             0 => format!("gen-{number}-{}", self.file_name()),
             i => format!("p{i}-gen-{number}-{}", self.file_name()),
         });
-        let mut library = Library::open(bytes, shadow)?;
+        let mut library = Library::open(bytes, shadow.clone())?;
         let declared = library
             .caches
             .iter()
@@ -575,6 +667,15 @@ impl Plugin {
             }
         }
         let generation = Generation::new(number, hash, file, started.elapsed(), library, table);
+        if let (0, Some(dir)) = (
+            self.index,
+            self.shared
+                .supervised
+                .as_ref()
+                .and_then(|s| s.keep_builds.as_ref()),
+        ) {
+            crate::supervision::keep_build(dir, &shadow, number, hash);
+        }
         Ok((Arc::new(generation), reset))
     }
 
@@ -716,6 +817,7 @@ impl Plugin {
         let generation = self.current().ok_or(CallError::NotLoaded)?;
         let args = serde_json::to_vec(args).expect("JSON values always serialize");
         let _running = self.shared.calls.start(function, &args, generation.number);
+        let _noted = crate::supervision::note_call(function, generation.number);
         let bytes = generation.call(function, &args)?;
         serde_json::from_slice(&bytes).map_err(|e| {
             CallError::BadResult(format!(
@@ -782,6 +884,11 @@ impl Host {
             None => Store::with_overrides(config.cache_bounds),
             Some(dir) => open_durable(dir, config.persist_max_bytes, config.cache_bounds, &events)?,
         };
+        let bad_builds = config
+            .supervised
+            .as_ref()
+            .map(|s| s.bad_builds.clone())
+            .unwrap_or_default();
         let shared = Arc::new(Shared {
             store: Arc::new(store),
             events,
@@ -789,6 +896,8 @@ impl Host {
             shadow_dir,
             loads: std::sync::atomic::AtomicU64::new(0),
             calls: Arc::default(),
+            supervised: config.supervised,
+            bad_builds: RwLock::new(bad_builds),
         });
         let host = Arc::new(Host {
             shared,
@@ -1091,6 +1200,7 @@ impl Host {
         let plugins: Vec<PluginStatus> = self.plugins().iter().map(|p| p.status()).collect();
         let first = plugins[0].clone();
         let signatures = self.signatures();
+        let sup = self.shared.supervised.as_ref();
         Status {
             library: first.library,
             plugin: first.plugin,
@@ -1109,9 +1219,13 @@ impl Host {
             failed_reloads: plugins.iter().map(|p| p.failed_reloads).sum(),
             load_ms: first.load_ms,
             loaded_at: first.loaded_at,
-            pid: std::process::id(),
+            pid: sup.map_or_else(std::process::id, |s| s.supervisor_pid),
+            worker_pid: std::process::id(),
             plugins,
             calls_in_flight: self.calls_in_flight(),
+            restarts: sup.map_or(0, |s| s.restarts),
+            last_crash: sup.and_then(|s| s.last_crash.clone()),
+            bad_builds: self.shared.bad_builds.read().clone(),
         }
     }
 

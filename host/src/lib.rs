@@ -24,6 +24,7 @@
 //! | [`control`] | the control socket, its protocol and one handler per command |
 //! | [`paths`] | the runtime directory, shadow directories, default socket |
 //! | [`threads`] | the host's threads, told apart from those a plugin starts |
+//! | [`supervision`] | what `keepwarm run`'s supervisor learns from a worker that crashed |
 //!
 //! Embedding the host (the plugin path is whatever your build produced; see
 //! `host/examples/embed.rs` for a whole program):
@@ -70,6 +71,7 @@ pub mod loader;
 pub mod paths;
 pub mod persist;
 pub mod signature;
+pub mod supervision;
 pub mod threads;
 pub mod watcher;
 

@@ -66,6 +66,11 @@ pub enum LoadError {
     },
     /// Reading the file or writing the shadow copy failed.
     Io(String),
+    /// This build crashed the process that loaded it before (in `on_load`,
+    /// or on a thread of its own right after loading): it is not loaded
+    /// again until the file changes, or a forced reload. The text says how
+    /// it crashed.
+    Crashed(String),
 }
 
 impl LoadError {
@@ -296,6 +301,10 @@ impl fmt::Display for LoadError {
                 needed.div_ceil(1 << 20)
             ),
             LoadError::Io(why) => write!(f, "{why}"),
+            LoadError::Crashed(how) => write!(
+                f,
+                "this build crashed the host ({how}); it is not loaded again until the file changes — fix it and rebuild, or `keepwarm reload` to try it once more"
+            ),
         }
     }
 }

@@ -63,6 +63,8 @@ pub fn ensure_private_dir(dir: &Path) -> Result<()> {
 
 /// Prefix of the shadow directories in the runtime directory.
 const SHADOW_PREFIX: &str = "shadow-";
+/// Prefix of a supervisor's directory of kept builds.
+const BUILDS_PREFIX: &str = "builds-";
 
 /// A host's private directory of shadow copies, `RUNTIME_DIR/shadow-PID-XXXXXX`,
 /// with a lock file that the host holds (`flock`) for as long as it lives.
@@ -79,8 +81,19 @@ pub struct ShadowDir {
 impl ShadowDir {
     /// Creates a new shadow directory in `runtime` and locks it.
     pub fn create_in(runtime: &Path) -> Result<ShadowDir> {
+        ShadowDir::create_named(runtime, SHADOW_PREFIX)
+    }
+
+    /// Creates `runtime/builds-PID-XXXXXX`, locked and swept like a shadow
+    /// directory: where `keepwarm run`'s supervisor keeps the builds that
+    /// worked, to restart on after a crash.
+    pub fn create_for_builds(runtime: &Path) -> Result<ShadowDir> {
+        ShadowDir::create_named(runtime, BUILDS_PREFIX)
+    }
+
+    fn create_named(runtime: &Path, prefix: &str) -> Result<ShadowDir> {
         let dir = tempfile::Builder::new()
-            .prefix(&format!("{SHADOW_PREFIX}{}-", std::process::id()))
+            .prefix(&format!("{prefix}{}-", std::process::id()))
             .tempdir_in(runtime)
             .context(|| format!("creating a shadow directory in {}", runtime.display()))?
             .keep();
@@ -128,7 +141,9 @@ pub fn sweep_dead_shadow_dirs(runtime: &Path) -> usize {
     let mut swept = 0;
     for entry in entries.flatten() {
         let name = entry.file_name();
-        let is_shadow = name.to_str().is_some_and(|n| n.starts_with(SHADOW_PREFIX));
+        let is_shadow = name
+            .to_str()
+            .is_some_and(|n| n.starts_with(SHADOW_PREFIX) || n.starts_with(BUILDS_PREFIX));
         let Ok(kind) = entry.file_type() else {
             continue;
         };

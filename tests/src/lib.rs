@@ -398,9 +398,17 @@ impl HostProcess {
         self.runtime.path()
     }
 
-    /// The host's process id.
+    /// The host's process id (the supervisor: the process the test started).
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// The process id of the supervisor's worker, the process that loads
+    /// the plugins (its maps, its memory, its CPU time).
+    pub fn worker_pid(&self) -> u32 {
+        self.status()["worker_pid"]
+            .as_u64()
+            .expect("status has worker_pid") as u32
     }
 
     /// Every line the host printed so far (stdout and stderr).

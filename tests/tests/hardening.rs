@@ -477,10 +477,11 @@ fn a_host_started_in_the_background_serves_without_a_prompt() {
 fn a_stopped_host_makes_the_cli_give_up_with_a_message() {
     let host = HostProcess::start(&built_library("swap_a"), &[]);
     // SAFETY: our own child.
-    unsafe { libc::kill(host.pid() as i32, libc::SIGSTOP) };
+    let worker = host.worker_pid();
+    unsafe { libc::kill(worker as i32, libc::SIGSTOP) };
     let out = host.cli(&["--timeout", "1", "status"]);
     // SAFETY: as above.
-    unsafe { libc::kill(host.pid() as i32, libc::SIGCONT) };
+    unsafe { libc::kill(worker as i32, libc::SIGCONT) };
     assert_eq!(out.status, Some(3), "{out:?}");
     assert!(out.stderr.contains("did not answer in 1 s"), "{out:?}");
     assert_eq!(host.call("version", &[]), "a");
@@ -578,9 +579,18 @@ fn under_a_small_fd_limit_extra_clients_hear_busy_and_reloads_still_land() {
             .collect();
         fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
     };
-    let before = cpu(child.id());
+    // The worker serves the connections; the supervisor only waits.
+    let worker = {
+        let (s, reader) = &mut held[0];
+        writeln!(s, "{}", json!({"cmd": "status"})).unwrap();
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        v["result"]["worker_pid"].as_u64().unwrap() as u32
+    };
+    let before = cpu(worker) + cpu(child.id());
     std::thread::sleep(Duration::from_secs(1));
-    let ticks = cpu(child.id()) - before;
+    let ticks = cpu(worker) + cpu(child.id()) - before;
     assert!(ticks < 50, "the host used {ticks} ticks in 1 s while full");
     drop(held);
     eventually("a slot is free again", || {
@@ -725,7 +735,7 @@ fn a_persistent_connection_does_not_pin_every_generation() {
     }
     let r = ask(json!({"cmd": "call", "function": "version"}));
     assert_eq!(r["result"], format!("MARKER-{RELOADS:06}"));
-    let mapped = mapped_generations(host.pid());
+    let mapped = mapped_generations(host.worker_pid());
     eprintln!("persistent connection: {RELOADS} reloads, {mapped} shadow libraries mapped");
     // Before connections were recycled every generation stayed mapped
     // (200); now the live one and the one the connection last ran, plus at
@@ -761,7 +771,7 @@ fn a_thread_left_running_by_a_retired_generation_cannot_crash_the_host() {
     assert_eq!(entries(), settled, "a retired generation stores nothing");
     assert_eq!(host.call("version", &[]), "MARKER-000005");
     assert!(
-        mapped_generations(host.pid()) >= 2,
+        mapped_generations(host.worker_pid()) >= 2,
         "generation 1 stays mapped"
     );
 }

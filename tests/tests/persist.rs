@@ -249,7 +249,7 @@ fn a_second_host_on_the_same_dir_is_refused_with_the_first_ones_pid() {
     assert!(
         stderr.contains(&format!(
             "in use by another keepwarm host (PID {})",
-            first.pid()
+            first.worker_pid()
         )),
         "{stderr}"
     );

@@ -150,10 +150,10 @@ fn panicking_generations_with_rust_backtrace_do_not_grow_the_host() {
         );
         last_error = out.stderr;
         if n == WARM {
-            rss_warm = vm_rss_kib(host.pid());
+            rss_warm = vm_rss_kib(host.worker_pid());
         }
     }
-    let rss_end = vm_rss_kib(host.pid());
+    let rss_end = vm_rss_kib(host.worker_pid());
     let growth = rss_end.saturating_sub(rss_warm);
     eprintln!(
         "panicking generations with RUST_BACKTRACE=1: RSS {rss_warm} KiB after generation {WARM}, {rss_end} KiB after {GENERATIONS}: +{growth} KiB ({:.1} KiB per generation)",

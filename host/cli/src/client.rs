@@ -16,14 +16,18 @@ pub enum ClientError {
     Ambiguous(String),
     /// The host answered something that is not a response.
     Protocol(String),
+    /// The connection closed before the answer came (the host's worker
+    /// died, or the host stopped).
+    Dropped(String),
 }
 
 impl std::fmt::Display for ClientError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            ClientError::NoHost(m) | ClientError::Ambiguous(m) | ClientError::Protocol(m) => {
-                f.write_str(m)
-            }
+            ClientError::NoHost(m)
+            | ClientError::Ambiguous(m)
+            | ClientError::Protocol(m)
+            | ClientError::Dropped(m) => f.write_str(m),
         }
     }
 }
@@ -101,13 +105,13 @@ pub fn request_within(
             )))
         }
         (Ok(()), Err(e)) => {
-            return Err(ClientError::Protocol(format!(
+            return Err(ClientError::Dropped(format!(
                 "reading the answer from {}: {e}",
                 socket.display()
             )))
         }
         (Ok(()), Ok(_)) => {
-            return Err(ClientError::Protocol(format!(
+            return Err(ClientError::Dropped(format!(
                 "the host at {} closed the connection without answering",
                 socket.display()
             )))
@@ -116,4 +120,52 @@ pub fn request_within(
     serde_json::from_str(&answer).map_err(|e| {
         ClientError::Protocol(format!("the host sent an invalid response ({e}): {answer}"))
     })
+}
+
+/// How long a client waits for a restarted host to answer after its
+/// connection dropped.
+pub const RESTART_WAIT: Duration = Duration::from_secs(10);
+
+/// [`request_within`], surviving a crash of the host's worker: when the
+/// connection drops before the answer, asks the host (restarted by its
+/// supervisor) what happened. A call that was running when the worker
+/// crashed is answered with a `plugin_crashed` error that says what crashed
+/// and where the host restarted ("plugin crashed: SIGSEGV in segv()
+/// (generation 3); the host restarted on generation 3"); any other request
+/// is sent once more.
+pub fn request_surviving(
+    socket: &Path,
+    request: &Request,
+    timeout: Option<Duration>,
+) -> Result<Response, ClientError> {
+    let sent = keepwarm::persist::now_ms() as f64 / 1000.0;
+    let dropped = match request_within(socket, request, timeout) {
+        Err(ClientError::Dropped(m)) => m,
+        other => return other,
+    };
+    let status = request_within(socket, &Request::Status { v: Some(1) }, Some(RESTART_WAIT))
+        .ok()
+        .and_then(|r| r.result)
+        .and_then(|r| keepwarm::Status::from_json(&r).ok());
+    let crash = status
+        .as_ref()
+        .and_then(|s| s.last_crash.clone())
+        // The clocks are the same machine's; a crash before the request
+        // was sent is not this one.
+        .filter(|c| c.time + 0.5 >= sent);
+    match (crash, request) {
+        (Some(crash), Request::Call { .. }) => {
+            let restarted = match crash.restarted_on {
+                Some(g) => format!("the host restarted on generation {g}"),
+                None => "the host restarted and waits for a build that loads".to_owned(),
+            };
+            Ok(Response::err(
+                crate::control::protocol::ErrorCode::PluginCrashed,
+                format!("plugin crashed: {}; {restarted}", crash.what()),
+            ))
+        }
+        (None, Request::Call { .. }) if status.is_none() => Err(ClientError::Dropped(dropped)),
+        // Not a call, or nothing crashed: once more.
+        _ => request_within(socket, request, timeout),
+    }
 }

@@ -16,6 +16,7 @@ mod output;
 mod render;
 mod repl;
 mod serve;
+mod supervisor;
 
 // The runtime's modules, reachable as `crate::…` from the modules above.
 use keepwarm::{cache, control, host, paths, threads, watcher, Config, Host};
@@ -88,7 +89,7 @@ fn control(command: &ControlCommand, socket: Option<std::path::PathBuf>, timeout
         }
         _ => None,
     };
-    let answer = crate::client::request_within(&socket, &request, timeout);
+    let answer = crate::client::request_surviving(&socket, &request, timeout);
     drop(live);
     match answer {
         Ok(response) => {
@@ -109,7 +110,7 @@ fn client_error(e: &ClientError) -> i32 {
     crate::output::err(&format!("keepwarm: {e}"));
     match e {
         ClientError::Ambiguous(_) => EXIT_USAGE,
-        ClientError::NoHost(_) | ClientError::Protocol(_) => EXIT_NO_HOST,
+        ClientError::NoHost(_) | ClientError::Protocol(_) | ClientError::Dropped(_) => EXIT_NO_HOST,
     }
 }
 
@@ -119,6 +120,11 @@ fn run(args: RunArgs, socket: Option<std::path::PathBuf>) -> anyhow::Result<()> 
             anyhow::bail!(problem);
         }
     }
+    // The process the user started supervises; the plugins run in a
+    // worker, this same program started again (see supervisor.rs).
+    let Some((worker, supervised, socket)) = crate::supervisor::worker_from_env()? else {
+        return crate::supervisor::supervise(&args, socket);
+    };
     let mut libraries = args.libraries.into_iter();
     let first = libraries.next().expect("clap requires one LIB");
     let mut config = Config::new(&first);
@@ -127,11 +133,13 @@ fn run(args: RunArgs, socket: Option<std::path::PathBuf>) -> anyhow::Result<()> 
     config.persist = args.persist;
     config.persist_max_bytes = args.persist_max_bytes;
     config.events = Some(crate::output::event_sink());
+    config.supervised = Some(supervised);
     Serve {
         config,
         more: libraries.collect(),
-        socket,
-        no_repl: args.no_repl,
+        socket: Some(socket),
+        no_repl: true,
+        worker: Some(worker),
     }
     .run(|_| Ok(()))
 }
@@ -171,6 +179,7 @@ fn dev(args: DevArgs, socket: Option<std::path::PathBuf>) -> anyhow::Result<()> 
         more: Vec::new(),
         socket,
         no_repl: args.no_repl,
+        worker: None,
     }
     .run(|host| {
         let watcher =

@@ -16,8 +16,83 @@ use rustyline::validate::Validator;
 use rustyline::{Context, Editor, ExternalPrinter, Helper};
 
 use crate::cli::ControlCommand;
-use crate::control::protocol::Request;
+use crate::control::protocol::{ErrorCode, Request, Response};
 use crate::host::Host;
+
+/// The prompt thread's stack. Calls typed at the prompt do not run on it
+/// (they run on a thread with the control socket's stack, in this process
+/// or in the supervisor's worker), so it only needs room for line editing.
+pub const PROMPT_STACK_BYTES: usize = 8 << 20;
+
+/// What the prompt talks to: the host in this process, or the worker of
+/// `keepwarm run`'s supervisor over the control socket.
+pub trait Backend: Send + Sync {
+    /// Answers one request (a call may run long).
+    fn handle(&self, request: Request) -> Response;
+    /// The functions `call` can run, with their signatures.
+    fn signatures(&self) -> Vec<keepwarm::signature::Signature>;
+    /// The names of the caches.
+    fn cache_names(&self) -> Vec<String>;
+    /// The call in flight with this tag, for the live line.
+    fn call_in_flight(&self, tag: &str) -> Option<keepwarm::in_flight::CallInFlight>;
+    /// Prints what the host printed before its last answer (its log lines
+    /// travel apart from the answers), so that they come first.
+    fn sync_output(&self) {}
+}
+
+/// The host in this process.
+pub struct Local(pub Arc<Host>);
+
+impl Backend for Local {
+    fn handle(&self, request: Request) -> Response {
+        let host = &self.0;
+        if !matches!(request, Request::Call { .. }) {
+            return crate::control::handle(host, request);
+        }
+        // A call runs on a thread of its own that ends with it: the
+        // plugin's thread-locals then never pin a generation in memory, and
+        // deep recursion gets the control socket's stack.
+        let spawning = crate::threads::Spawning::begin();
+        let outcome = std::thread::scope(|s| {
+            std::thread::Builder::new()
+                .name("keepwarm-prompt-call".into())
+                .stack_size(crate::control::server::CALL_STACK_BYTES)
+                .spawn_scoped(s, || {
+                    spawning.registered();
+                    crate::control::handle(host, request)
+                })
+                .map(|t| t.join())
+        });
+        match outcome {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Response::err(
+                ErrorCode::PluginPanic,
+                "the call failed inside the host (a bug: please report it)".to_owned(),
+            ),
+            Err(e) => Response::err(ErrorCode::Busy, format!("no thread for the call: {e}")),
+        }
+    }
+
+    fn signatures(&self) -> Vec<keepwarm::signature::Signature> {
+        self.0.signatures()
+    }
+
+    fn cache_names(&self) -> Vec<String> {
+        self.0
+            .store()
+            .all()
+            .iter()
+            .map(|c| c.name().to_owned())
+            .collect()
+    }
+
+    fn call_in_flight(&self, tag: &str) -> Option<keepwarm::in_flight::CallInFlight> {
+        self.0
+            .calls_in_flight()
+            .into_iter()
+            .find(|c| c.tag.as_deref() == Some(tag))
+    }
+}
 
 /// The commands of the prompt.
 #[derive(Debug, Parser)]
@@ -34,7 +109,7 @@ enum Line {
 const COMMANDS: &[&str] = &["call", "reset", "stats", "status", "reload", "help", "quit"];
 
 struct Completion {
-    host: Arc<Host>,
+    backend: Arc<dyn Backend>,
 }
 
 impl Completer for Completion {
@@ -53,7 +128,7 @@ impl Completer for Completion {
         if previous.as_slice() == ["call"] {
             // Function names, listed with their signatures.
             let pairs = self
-                .host
+                .backend
                 .signatures()
                 .into_iter()
                 .filter(|s| s.function.starts_with(word))
@@ -67,23 +142,11 @@ impl Completer for Completion {
         let candidates: Vec<String> = match previous.as_slice() {
             [] => COMMANDS.iter().map(|c| c.to_string()).collect(),
             ["reset"] => {
-                let mut names: Vec<String> = self
-                    .host
-                    .store()
-                    .all()
-                    .iter()
-                    .map(|c| c.name().to_owned())
-                    .collect();
+                let mut names = self.backend.cache_names();
                 names.push("--all".into());
                 names
             }
-            ["stats"] => self
-                .host
-                .store()
-                .all()
-                .iter()
-                .map(|c| c.name().to_owned())
-                .collect(),
+            ["stats"] => self.backend.cache_names(),
             ["help"] => COMMANDS.iter().map(|c| c.to_string()).collect(),
             _ => Vec::new(),
         };
@@ -127,7 +190,7 @@ fn history_path() -> Option<std::path::PathBuf> {
 }
 
 /// Runs one prompt line; returns false when the user asked to leave.
-pub fn run_line(host: &Arc<Host>, line: &str) -> bool {
+pub fn run_line(backend: &Arc<dyn Backend>, line: &str) -> bool {
     let Some(words) = call_words(line).or_else(|| shlex::split(line)) else {
         crate::output::err(&format!("unbalanced quotes in: {line}"));
         return true;
@@ -139,47 +202,20 @@ pub fn run_line(host: &Arc<Host>, line: &str) -> bool {
         Ok(Line::Quit) => return false,
         Ok(Line::Control(command)) => {
             let response = match command {
-                // A call runs on a thread of its own that ends with it: the
-                // plugin's thread-locals then never pin a generation in
-                // memory, and deep recursion gets the control socket's stack.
-                ControlCommand::Call { .. } => std::thread::scope(|s| {
+                ControlCommand::Call { .. } => {
                     let tag = crate::live::new_tag();
                     let mut request = command.to_request();
                     if let Request::Call { tag: t, .. } = &mut request {
                         *t = Some(tag.clone());
                     }
-                    let watched = Arc::clone(host);
-                    let _live = crate::live::Live::start(tag, move |tag| {
-                        watched
-                            .calls_in_flight()
-                            .into_iter()
-                            .find(|c| c.tag.as_deref() == Some(tag))
-                    });
-                    let spawning = crate::threads::Spawning::begin();
-                    std::thread::Builder::new()
-                        .name("keepwarm-prompt-call".into())
-                        .stack_size(crate::control::server::CALL_STACK_BYTES)
-                        .spawn_scoped(s, || {
-                            spawning.registered();
-                            crate::control::handle(host, request)
-                        })
-                        .map(|t| t.join())
-                }),
-                _ => Ok(Ok(crate::control::handle(host, command.to_request()))),
-            };
-            let response = match response {
-                Ok(Ok(r)) => r,
-                Ok(Err(_)) => {
-                    crate::output::err(
-                        "keepwarm: the call failed inside the host (a bug: please report it)",
-                    );
-                    return true;
+                    let watched = Arc::clone(backend);
+                    let _live =
+                        crate::live::Live::start(tag, move |tag| watched.call_in_flight(tag));
+                    backend.handle(request)
                 }
-                Err(e) => {
-                    crate::output::err(&format!("keepwarm: no thread for the call: {e}"));
-                    return true;
-                }
+                _ => backend.handle(command.to_request()),
             };
+            backend.sync_output();
             let rendered = command.render(&response);
             // A reset or a reload already printed the host's own line
             // ("keepwarm: reset cache square (1 entry dropped)", "keepwarm:
@@ -205,7 +241,7 @@ pub fn run_line(host: &Arc<Host>, line: &str) -> bool {
         Err(e) => {
             let _ = e.print();
             if e.kind() == clap::error::ErrorKind::DisplayHelp && words.len() == 1 {
-                crate::output::out(&functions_help(host));
+                crate::output::out(&functions_help(backend.as_ref()));
             }
         }
     }
@@ -214,8 +250,8 @@ pub fn run_line(host: &Arc<Host>, line: &str) -> bool {
 
 /// The `help` lines that list the functions `call` can run, with their
 /// signatures.
-fn functions_help(host: &Host) -> String {
-    let signatures = host.signatures();
+fn functions_help(backend: &dyn Backend) -> String {
+    let signatures = backend.signatures();
     if signatures.is_empty() {
         return "\nNo functions: no plugin is loaded.".to_owned();
     }
@@ -225,7 +261,7 @@ fn functions_help(host: &Host) -> String {
 }
 
 /// Reads commands from the terminal until `quit` or end of input.
-pub fn run(host: Arc<Host>) -> anyhow::Result<()> {
+pub fn run(backend: Arc<dyn Backend>) -> anyhow::Result<()> {
     // Tab completes what is common; a second Tab lists the candidates, so
     // the functions show with their signatures.
     let config = rustyline::Config::builder()
@@ -234,7 +270,7 @@ pub fn run(host: Arc<Host>) -> anyhow::Result<()> {
     let mut editor: Editor<Completion, rustyline::history::DefaultHistory> =
         Editor::with_config(config)?;
     editor.set_helper(Some(Completion {
-        host: Arc::clone(&host),
+        backend: Arc::clone(&backend),
     }));
     // Host lines (reloads, plugin logs) that arrive while the user types
     // are printed above the input line instead of through it. Lines printed
@@ -270,7 +306,7 @@ pub fn run(host: Arc<Host>) -> anyhow::Result<()> {
                 if !line.trim().is_empty() {
                     let _ = editor.add_history_entry(line.as_str());
                 }
-                if !run_line(&host, &line) {
+                if !run_line(&backend, &line) {
                     break;
                 }
             }

@@ -32,6 +32,8 @@ pub struct Serve {
     pub socket: Option<PathBuf>,
     /// Never read commands from the terminal.
     pub no_repl: bool,
+    /// Set in a supervisor's worker: the socket is inherited, not bound.
+    pub worker: Option<crate::supervisor::WorkerSide>,
 }
 
 /// Why the host is leaving.
@@ -57,10 +59,10 @@ pub fn owns_terminal() -> bool {
 
 /// The terminal's settings, restored at exit: a signal may end the host
 /// while the prompt has the terminal in raw mode.
-struct TerminalState(Option<libc::termios>);
+pub(crate) struct TerminalState(Option<libc::termios>);
 
 impl TerminalState {
-    fn save() -> TerminalState {
+    pub(crate) fn save() -> TerminalState {
         let mut t = std::mem::MaybeUninit::<libc::termios>::uninit();
         // SAFETY: tcgetattr fills `t` when it returns 0.
         let ok = unsafe { libc::tcgetattr(libc::STDIN_FILENO, t.as_mut_ptr()) } == 0;
@@ -68,7 +70,7 @@ impl TerminalState {
         TerminalState(ok.then(|| unsafe { t.assume_init() }))
     }
 
-    fn restore(&self) {
+    pub(crate) fn restore(&self) {
         if let Some(t) = &self.0 {
             // SAFETY: `t` is a termios tcgetattr filled for this descriptor.
             unsafe { libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, t) };
@@ -104,7 +106,15 @@ impl Serve {
             .context("spawning the signal thread")?;
         }
         // Bind before loading: a second host on the same socket stops here.
-        let server = Server::bind(&socket)?;
+        let (server, worker) = match self.worker {
+            Some(mut w) => (Server::inherited(&socket, w.take_listener()), Some(w)),
+            None => (Server::bind(&socket)?, None),
+        };
+        let restarted = self
+            .config
+            .supervised
+            .as_ref()
+            .is_some_and(|s| s.start_from.is_some() || s.restarts > 0);
         let host = Host::new(self.config)?;
         for library in &self.more {
             host.add(library)?;
@@ -114,29 +124,45 @@ impl Serve {
             .iter()
             .map(|p| p.library().display().to_string())
             .collect();
-        crate::output::say(&format!(
-            "keepwarm: serving {} · control socket {}",
-            libraries.join(", "),
-            server.path().display()
-        ));
+        if !restarted {
+            crate::output::say(&format!(
+                "keepwarm: serving {} · control socket {}",
+                libraries.join(", "),
+                server.path().display()
+            ));
+        }
         // Watch before the first load, so that no change after it is
         // missed; load before serving, so that a client that connected
         // meanwhile waits in the socket's backlog and finds the plugin loaded.
         let watch = watcher::watch(Arc::clone(&host)).context("watching the library")?;
         watcher::load_initial(&host);
+        if restarted {
+            // The first load was a kept copy of a build that worked: now
+            // look at what the watched path holds (a build that landed
+            // meanwhile loads; the one that crashed is refused, once).
+            watcher::load_initial(&host);
+        }
         let guard = server.spawn(Arc::clone(&host))?;
         started(&host)?;
-        let wants_prompt = !self.no_repl && std::io::stdin().is_terminal();
+        if let Some(worker) = &worker {
+            worker.ready();
+        }
+        let wants_prompt = worker.is_none() && !self.no_repl && std::io::stdin().is_terminal();
         let terminal = TerminalState::save();
         if wants_prompt && owns_terminal() {
-            let host = Arc::clone(&host);
+            let backend: Arc<dyn crate::repl::Backend> =
+                Arc::new(crate::repl::Local(Arc::clone(&host)));
             let exit_tx = exit_tx.clone();
-            crate::threads::spawn("keepwarm-prompt", None, move || {
-                if let Err(e) = crate::repl::run(host) {
-                    crate::output::err(&format!("keepwarm: the prompt failed: {e}"));
-                }
-                let _ = exit_tx.send(Exit::Quit);
-            })
+            crate::threads::spawn(
+                "keepwarm-prompt",
+                Some(crate::repl::PROMPT_STACK_BYTES),
+                move || {
+                    if let Err(e) = crate::repl::run(backend) {
+                        crate::output::err(&format!("keepwarm: the prompt failed: {e}"));
+                    }
+                    let _ = exit_tx.send(Exit::Quit);
+                },
+            )
             .context("spawning the prompt")?;
         } else if wants_prompt {
             crate::output::say(
@@ -156,7 +182,7 @@ impl Serve {
             ));
         }
         signal_handle.close();
-        if let Exit::Signal(_) = reason {
+        if let (Exit::Signal(_), None) = (reason, &worker) {
             crate::output::say("keepwarm: stopped by a signal; shut down cleanly");
         }
         Ok(())

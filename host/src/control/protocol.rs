@@ -177,9 +177,14 @@ pub enum ErrorCode {
     ReloadFailed,
     /// Too many connections at once; retry.
     Busy,
+    /// The process running the call died (a segfault, an abort, a stack
+    /// overflow in plugin code) and the supervisor restarted it. Never sent
+    /// by a host: the client says it when the connection dropped and the
+    /// restarted host's `last_crash` explains why (see `docs/PROTOCOL.md`).
+    PluginCrashed,
 }
 
-const ERROR_CODES: [(ErrorCode, &str); 9] = [
+const ERROR_CODES: [(ErrorCode, &str); 10] = [
     (ErrorCode::BadRequest, "bad_request"),
     (ErrorCode::UnsupportedVersion, "unsupported_version"),
     (ErrorCode::UnknownFunction, "unknown_function"),
@@ -189,6 +194,7 @@ const ERROR_CODES: [(ErrorCode, &str); 9] = [
     (ErrorCode::NotLoaded, "not_loaded"),
     (ErrorCode::ReloadFailed, "reload_failed"),
     (ErrorCode::Busy, "busy"),
+    (ErrorCode::PluginCrashed, "plugin_crashed"),
 ];
 
 impl ErrorCode {

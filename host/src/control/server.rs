@@ -69,6 +69,9 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 pub struct Server {
     path: PathBuf,
     listener: UnixListener,
+    /// Whether this server bound the socket (and removes its file when it
+    /// stops); a supervisor's worker serves a listener it inherited.
+    owns_path: bool,
 }
 
 impl Server {
@@ -133,7 +136,24 @@ impl Server {
         Ok(Server {
             path: path.to_owned(),
             listener,
+            owns_path: true,
         })
+    }
+
+    /// Serves `listener`, bound at `path` by another process (a supervisor
+    /// that keeps it across restarts of this one); the socket file is left
+    /// to that process.
+    pub fn inherited(path: &Path, listener: UnixListener) -> Server {
+        Server {
+            path: path.to_owned(),
+            listener,
+            owns_path: false,
+        }
+    }
+
+    /// The listening socket.
+    pub fn listener(&self) -> &UnixListener {
+        &self.listener
     }
 
     /// The socket's path.
@@ -258,7 +278,9 @@ pub struct ServerGuard {
 impl Drop for ServerGuard {
     fn drop(&mut self) {
         self.stopping.store(true, Ordering::SeqCst);
-        let _ = std::fs::remove_file(&self.path);
+        if self._server.owns_path {
+            let _ = std::fs::remove_file(&self.path);
+        }
         // Wake the accept loop so it sees the flag and returns.
         // SAFETY: shutdown on a listening descriptor we own wakes a thread
         // blocked in accept on Linux; it takes no memory.
