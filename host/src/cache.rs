@@ -301,7 +301,9 @@ struct Inner {
 }
 
 impl Inner {
-    fn evict_to_bounds(&mut self) {
+    /// Evicts least recently used entries until the bounds hold, telling
+    /// `evicted` each key.
+    fn evict_to_bounds(&mut self, mut evicted: impl FnMut(&[u8])) {
         while self.lru.len() > self.bounds.max_entries.get()
             || self.bounds.max_bytes.is_some_and(|max| self.bytes > max)
         {
@@ -310,6 +312,7 @@ impl Inner {
             };
             self.bytes -= entry_bytes(&k, &v.value);
             self.evictions += 1;
+            evicted(&k);
         }
     }
 
@@ -417,6 +420,8 @@ pub struct Durable {
     /// Says a failure once per outage (the host's warning line).
     pub warn: Arc<dyn Fn(&str) + Send + Sync>,
     warned: std::sync::atomic::AtomicBool,
+    /// Whether a memory miss asks the tier ([`crate::persist::Tier::reads`]).
+    reads: bool,
 }
 
 impl Durable {
@@ -427,6 +432,7 @@ impl Durable {
         warn: Arc<dyn Fn(&str) + Send + Sync>,
     ) -> Durable {
         Durable {
+            reads: tier.reads(),
             tier,
             warn,
             warned: std::sync::atomic::AtomicBool::new(false),
@@ -538,7 +544,7 @@ impl Cache {
     /// identity that fits `want` is brought into memory and returned with
     /// its cost. Nothing is counted here.
     fn read_through(&self, key: &[u8], want: &Want) -> Option<(Arc<[u8]>, u64)> {
-        let durable = self.durable.as_ref()?;
+        let durable = self.durable.as_ref().filter(|d| d.reads)?;
         let (epoch, identity) = {
             let inner = self.inner.lock();
             (inner.epoch, inner.code_hash)
@@ -573,7 +579,7 @@ impl Cache {
         let found = (Arc::clone(&slot.value), slot.cost);
         inner.bytes += entry_bytes(key, &slot.value);
         inner.lru.push(Box::from(key), slot);
-        inner.evict_to_bounds();
+        inner.evict_to_bounds(|k| durable.tier.evicted(&self.name, k));
         Some(found)
     }
 
@@ -707,7 +713,7 @@ impl Cache {
             inner.bytes += size;
         }
         inner.inserts += 1;
-        inner.evict_to_bounds();
+        inner.evict_to_bounds(|k| self.evicted(k));
         let epoch = inner.epoch;
         drop(inner);
         if let (Some(durable), Some(value)) = (&self.durable, kept) {
@@ -715,19 +721,47 @@ impl Cache {
             // entry survives the death of the process.
             let _writing = self.writing.lock();
             if self.inner.lock().epoch == epoch {
-                let record = crate::persist::Record {
-                    value: value.to_vec(),
-                    identity,
-                    born_ms: crate::persist::now_ms(),
-                    cost_ns: cost,
-                };
-                match durable.tier.put(&self.name, key, &record) {
+                let born_ms = crate::persist::now_ms();
+                match durable
+                    .tier
+                    .put_value(&self.name, key, &value, identity, born_ms, cost)
+                {
                     Ok(()) => durable.worked(),
                     Err(e) => durable.failed(self, "store", &e),
                 }
             }
         }
         Ok(())
+    }
+
+    /// Tells the durable tier that the memory evicted `key`.
+    fn evicted(&self, key: &[u8]) {
+        if let Some(durable) = &self.durable {
+            durable.tier.evicted(&self.name, key);
+        }
+    }
+
+    /// Puts an entry found in the crash journal back in memory, as it was
+    /// (its age, its cost), without writing it anywhere. An entry computed
+    /// by other code than the cache's now is left out, as a read from a
+    /// durable store would be; so is a key already in memory.
+    pub fn restore(&self, key: &[u8], record: crate::persist::Record) {
+        let mut inner = self.inner.lock();
+        let identity = inner.code_hash;
+        if record.identity != 0 && identity != 0 && record.identity != identity {
+            return;
+        }
+        if inner.lru.contains(key) {
+            return;
+        }
+        let slot = Slot {
+            value: Arc::from(record.value),
+            born: born_from_unix_ms(record.born_ms),
+            cost: record.cost_ns,
+        };
+        inner.bytes += entry_bytes(key, &slot.value);
+        inner.lru.push(Box::from(key), slot);
+        inner.evict_to_bounds(|k| self.evicted(k));
     }
 
     /// Drops every entry; returns how many there were.
@@ -921,7 +955,7 @@ impl Cache {
     pub fn set_bounds(&self, bounds: Bounds) {
         let mut inner = self.inner.lock();
         inner.bounds = bounds;
-        inner.evict_to_bounds();
+        inner.evict_to_bounds(|k| self.evicted(k));
     }
 
     /// The current bounds.
@@ -1161,6 +1195,25 @@ impl Store {
     /// Resets every cache; returns the number of entries dropped.
     pub fn reset_all(&self) -> u64 {
         self.all().iter().map(|c| c.reset()).sum()
+    }
+
+    /// Brings back what a crashed worker's journal held: each cache with its
+    /// code identity, then each entry, oldest first ([`Cache::restore`]).
+    /// Returns how many entries came back.
+    pub fn restore(&self, replayed: crate::journal::Replayed) -> u64 {
+        for (name, identity) in &replayed.caches {
+            let cache = self.cache(name);
+            let mut inner = cache.inner.lock();
+            if *identity != 0 {
+                inner.code_hash = *identity;
+            }
+        }
+        let mut n = 0;
+        for (name, key, record) in replayed.entries {
+            self.cache(&name).restore(&key, record);
+            n += 1;
+        }
+        n
     }
 
     /// Every cache, sorted by name.

@@ -39,6 +39,9 @@ pub enum Event {
     Loaded {
         /// Its number (1 for the first load).
         generation: u64,
+        /// Whether no generation of this plugin served before it (the
+        /// first load, or the first after builds that were refused).
+        first: bool,
         /// The library's file name.
         file: String,
         /// How long loading took, in milliseconds.

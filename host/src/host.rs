@@ -35,6 +35,11 @@ pub struct Config {
     /// on, the builds not to load, the crashes so far (see
     /// [`crate::supervision`]).
     pub supervised: Option<crate::supervision::Supervised>,
+    /// Set in a worker of `keepwarm run`'s supervisor without `--persist`:
+    /// the crash journal the caches are recorded in, and restored from
+    /// (see [`crate::journal`]). Ignored with `persist`, whose store
+    /// survives a crash by itself.
+    pub journal: Option<Arc<crate::journal::Journal>>,
 }
 
 impl Config {
@@ -48,6 +53,7 @@ impl Config {
             persist: None,
             persist_max_bytes: None,
             supervised: None,
+            journal: None,
         }
     }
 
@@ -420,6 +426,37 @@ fn open_durable(
     Ok(store)
 }
 
+/// The store of a supervised worker without `--persist`: memory caches
+/// recorded in the crash journal, refilled from what it held.
+fn open_journal(
+    journal: Arc<crate::journal::Journal>,
+    overrides: HashMap<String, Bounds>,
+    events: &Arc<RwLock<Option<EventSink>>>,
+) -> Store {
+    let warned = Arc::clone(events);
+    let warn: Arc<dyn Fn(&str) + Send + Sync> = Arc::new(move |message: &str| {
+        send(
+            &warned,
+            &Event::Store {
+                message: message.to_owned(),
+            },
+        )
+    });
+    {
+        let warn = Arc::clone(&warn);
+        journal.on_warning(move |m| warn(m));
+    }
+    let replayed = journal.take_replayed();
+    for note in &replayed.notes {
+        warn(note);
+    }
+    let durable = crate::cache::Durable::new(Arc::new(crate::journal::JournalTier(journal)), warn);
+    let store = Store::with_durable(overrides, Arc::new(durable))
+        .expect("the crash journal lists its caches without failing");
+    store.restore(replayed);
+    store
+}
+
 /// Sends `event` to the sink in `events`, if there is one (no lock held
 /// while the sink runs).
 fn send(events: &RwLock<Option<EventSink>>, event: &Event) {
@@ -590,7 +627,8 @@ impl Plugin {
                 if start_from.is_none() {
                     *self.seen.lock() = Some((file, None));
                 }
-                let event = self.loaded_event(&generation, &reset);
+                let first = self.current.read().is_none();
+                let event = self.loaded_event(&generation, &reset, first);
                 // The swap: new calls go to the new generation at once; the
                 // old one retires when its in-flight calls drop their Arcs.
                 let old = self.current.write().replace(generation);
@@ -679,7 +717,7 @@ impl Plugin {
         Ok((Arc::new(generation), reset))
     }
 
-    fn loaded_event(&self, g: &Generation, reset: &[String]) -> Event {
+    fn loaded_event(&self, g: &Generation, reset: &[String], first: bool) -> Event {
         let kept = self
             .shared
             .store
@@ -693,6 +731,7 @@ impl Plugin {
             .collect();
         Event::Loaded {
             generation: g.number,
+            first,
             file: self.file_name(),
             load_ms: g.load_time.as_secs_f64() * 1000.0,
             functions: g.function_names().len(),
@@ -880,9 +919,12 @@ impl Host {
         crate::paths::sweep_dead_shadow_dirs(&runtime);
         let shadow_dir = crate::paths::ShadowDir::create_in(&runtime)?;
         let events = Arc::new(RwLock::new(config.events));
-        let store = match &config.persist {
-            None => Store::with_overrides(config.cache_bounds),
-            Some(dir) => open_durable(dir, config.persist_max_bytes, config.cache_bounds, &events)?,
+        let store = match (&config.persist, config.journal) {
+            (Some(dir), _) => {
+                open_durable(dir, config.persist_max_bytes, config.cache_bounds, &events)?
+            }
+            (None, Some(journal)) => open_journal(journal, config.cache_bounds, &events),
+            (None, None) => Store::with_overrides(config.cache_bounds),
         };
         let bad_builds = config
             .supervised

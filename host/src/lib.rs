@@ -24,6 +24,7 @@
 //! | [`control`] | the control socket, its protocol and one handler per command |
 //! | [`paths`] | the runtime directory, shadow directories, default socket |
 //! | [`threads`] | the host's threads, told apart from those a plugin starts |
+//! | [`journal`] | the crash journal: cache changes in memory that outlives a crashed worker |
 //! | [`supervision`] | what `keepwarm run`'s supervisor learns from a worker that crashed |
 //!
 //! Embedding the host (the plugin path is whatever your build produced; see
@@ -66,6 +67,7 @@ pub mod generation;
 pub mod host;
 pub mod host_api;
 pub mod in_flight;
+pub mod journal;
 mod json;
 pub mod loader;
 pub mod paths;

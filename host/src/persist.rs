@@ -68,6 +68,37 @@ pub trait Tier: Send + Sync {
     /// The host is leaving and nothing writes any more: let go of what
     /// only a running host needs (the store's lock, its write-ahead log).
     fn close(&self) {}
+    /// Stores `value` under `key` as [`Tier::put`] does, from its parts (a
+    /// tier that copies the bytes anyway need not build a [`Record`]).
+    fn put_value(
+        &self,
+        cache: &str,
+        key: &[u8],
+        value: &[u8],
+        identity: u64,
+        born_ms: u64,
+        cost_ns: u64,
+    ) -> Result<(), TierError> {
+        self.put(
+            cache,
+            key,
+            &Record {
+                value: value.to_vec(),
+                identity,
+                born_ms,
+                cost_ns,
+            },
+        )
+    }
+    /// The memory tier evicted `key` (to hold its bounds). A store with
+    /// bounds of its own keeps the entry (the default); the crash journal,
+    /// which mirrors the memory, forgets it.
+    fn evicted(&self, _cache: &str, _key: &[u8]) {}
+    /// Whether a memory miss should ask this tier ([`Tier::get`]). The crash
+    /// journal is read once, at start, and says no.
+    fn reads(&self) -> bool {
+        true
+    }
 }
 
 /// Milliseconds since the Unix epoch, now.

@@ -494,7 +494,6 @@ pub struct Supervised {
     pub restarts: u64,
     /// The last crash.
     pub last_crash: Option<Crash>,
-    // JOURNAL-FIELD
 }
 
 /// The name a kept build has in [`Supervised::keep_builds`].

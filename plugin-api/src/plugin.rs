@@ -217,6 +217,13 @@ where
     cached_key_if(cache, key, compute, |_| true)
 }
 
+/// A memoized call that finds less stack than this left moves to a new
+/// segment of [`MEMO_STACK_SEGMENT`] bytes (one level of memoized recursion
+/// takes a few KiB in a debug build, the host's frames included).
+pub const MEMO_RED_ZONE: usize = 256 << 10;
+/// The size of each stack segment a memoized call grows into.
+pub const MEMO_STACK_SEGMENT: usize = 16 << 20;
+
 /// [`cached_key`] that stores a computed value only when `keep` says so:
 /// what `#[memo]` expands to for a function returning `Result` (only `Ok`
 /// is kept) or, with `#[memo(option)]`, `Option` (only `Some`). A value not
@@ -244,12 +251,17 @@ where
         keep,
         tag,
     };
-    let status = crate::host::get_or_compute(
-        cache,
-        &key_bytes,
-        &mut state as *mut Flight<F, V> as *mut c_void,
-        flight_call::<F, V>,
-    );
+    // Memoized recursion nests one computation per level, each with the
+    // host's frames between: grow the stack on demand instead of
+    // overflowing it, so recursion is as deep as memory allows.
+    let status = stacker::maybe_grow(MEMO_RED_ZONE, MEMO_STACK_SEGMENT, || {
+        crate::host::get_or_compute(
+            cache,
+            &key_bytes,
+            &mut state as *mut Flight<F, V> as *mut c_void,
+            flight_call::<F, V>,
+        )
+    });
     if let Some(payload) = state.panic.take() {
         std::panic::resume_unwind(payload);
     }

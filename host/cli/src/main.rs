@@ -122,7 +122,7 @@ fn run(args: RunArgs, socket: Option<std::path::PathBuf>) -> anyhow::Result<()> 
     }
     // The process the user started supervises; the plugins run in a
     // worker, this same program started again (see supervisor.rs).
-    let Some((worker, supervised, socket)) = crate::supervisor::worker_from_env()? else {
+    let Some(worker) = crate::supervisor::worker_from_env()? else {
         return crate::supervisor::supervise(&args, socket);
     };
     let mut libraries = args.libraries.into_iter();
@@ -133,13 +133,14 @@ fn run(args: RunArgs, socket: Option<std::path::PathBuf>) -> anyhow::Result<()> 
     config.persist = args.persist;
     config.persist_max_bytes = args.persist_max_bytes;
     config.events = Some(crate::output::event_sink());
-    config.supervised = Some(supervised);
+    config.supervised = Some(worker.supervised);
+    config.journal = worker.journal;
     Serve {
         config,
         more: libraries.collect(),
-        socket: Some(socket),
+        socket: Some(worker.socket),
         no_repl: true,
-        worker: Some(worker),
+        worker: Some(worker.side),
     }
     .run(|_| Ok(()))
 }

@@ -40,21 +40,18 @@ pub fn line(event: &Event) -> String {
     match event {
         Event::Loaded {
             generation,
+            first,
             file,
             load_ms,
             functions,
             kept,
             reset,
         } => {
-            let verb = if *generation == 1 {
-                "loaded"
-            } else {
-                "reloaded"
-            };
+            let verb = if *first { "loaded" } else { "reloaded" };
             let mut line = format!(
                 "keepwarm: generation {generation} {verb} in {load_ms:.1} ms: {file} ({functions} functions)"
             );
-            if *generation > 1 {
+            if !*first {
                 let kept: Vec<String> = kept
                     .iter()
                     .map(|CacheCount { name, entries }| format!("{name} ({entries})"))
@@ -135,6 +132,7 @@ mod tests {
     fn a_reload_line_names_what_it_kept_and_reset() {
         let event = Event::Loaded {
             generation: 2,
+            first: false,
             file: "libplugin.so".into(),
             load_ms: 1.25,
             functions: 4,

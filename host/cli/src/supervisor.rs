@@ -78,6 +78,20 @@ impl WorkerSide {
     }
 }
 
+/// What a worker starts with: what it inherited, the supervision for its
+/// [`keepwarm::Config`], the socket's path, and the crash journal (without
+/// `--persist`).
+pub struct Worker0 {
+    /// The inherited descriptors.
+    pub side: WorkerSide,
+    /// For [`keepwarm::Config::supervised`].
+    pub supervised: Supervised,
+    /// The control socket's path.
+    pub socket: PathBuf,
+    /// For [`keepwarm::Config::journal`].
+    pub journal: Option<Arc<keepwarm::journal::Journal>>,
+}
+
 /// Takes ownership of descriptor `fd`, inherited from the supervisor, and
 /// marks it close-on-exec again (a process the plugin starts must not hold
 /// the socket or the journal).
@@ -97,7 +111,7 @@ fn inherited(fd: i64) -> anyhow::Result<OwnedFd> {
 
 /// When this process is a supervisor's worker: what it inherited, the
 /// supervision for its [`keepwarm::Config`], and the socket's path.
-pub fn worker_from_env() -> anyhow::Result<Option<(WorkerSide, Supervised, PathBuf)>> {
+pub fn worker_from_env() -> anyhow::Result<Option<Worker0>> {
     let Some(spec) = std::env::var_os(WORKER_ENV) else {
         return Ok(None);
     };
@@ -119,23 +133,13 @@ pub fn worker_from_env() -> anyhow::Result<Option<(WorkerSide, Supervised, PathB
         unsafe { BlackBox::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(black_box)) }
             .context("mapping the supervisor's black box")?;
     supervision::install(black_box);
-    let journal: Option<()> = None; /* JOURNAL-WORKER match spec["journal"].as_array() {
-                                        Some(fds) => {
-                                            let mut owned = Vec::new();
-                                            for f in fds {
-                                                owned.push(inherited(f.as_i64().context("a journal descriptor")?)?);
-                                            }
-                                            let [control, a, b]: [OwnedFd; 3] = owned
-                                                .try_into()
-                                                .map_err(|_| anyhow::anyhow!("the journal takes three descriptors"))?;
-                                            Some(Arc::new(keepwarm::journal::JournalFiles {
-                                                control,
-                                                data: [a, b],
-                                            }))
-                                        }
-                                        None => None,
-                                    }; JOURNAL-WORKER */
-    let _ = journal;
+    let journal = match spec["journal"].as_i64() {
+        Some(fd) => Some(Arc::new(
+            keepwarm::journal::Journal::from_fd(inherited(fd)?)
+                .context("mapping the supervisor's crash journal")?,
+        )),
+        None => None,
+    };
     let supervised = Supervised {
         start_from: spec["start_from"]
             .as_array()
@@ -162,14 +166,15 @@ pub fn worker_from_env() -> anyhow::Result<Option<(WorkerSide, Supervised, PathB
     // SAFETY: called before this process starts any thread of its own
     // (main → run → here); nothing reads the environment concurrently.
     unsafe { std::env::remove_var(WORKER_ENV) };
-    Ok(Some((
-        WorkerSide {
+    Ok(Some(Worker0 {
+        side: WorkerSide {
             listener: Some(listener),
             ready: Mutex::new(Some(ready)),
         },
         supervised,
         socket,
-    )))
+        journal,
+    }))
 }
 
 /// A pipe: (read end, write end), both close-on-exec.
@@ -487,7 +492,7 @@ struct Launch<'a> {
     server: &'a Server,
     socket: &'a Path,
     black_box: &'a BlackBox,
-    journal: Option<&'a ()>,
+    journal: Option<&'a keepwarm::journal::Journal>,
     builds: &'a Path,
     events: &'a mpsc::Sender<Ev>,
     relays: &'a Arc<Mutex<Vec<Arc<Relay>>>>,
@@ -506,8 +511,13 @@ impl Launch<'_> {
         supervision::make_inheritable(listen)?;
         supervision::make_inheritable(ready_write.as_raw_fd())?;
         self.black_box.inheritable()?;
-        let journal: Option<[i32; 3]> = None; // JOURNAL-SPAWN
-        let _ = self.journal;
+        let journal = match self.journal {
+            Some(j) => {
+                j.inheritable()?;
+                Some(j.raw_fd())
+            }
+            None => None,
+        };
         let spec = json!({
             "listen": listen,
             "socket": self.socket,
@@ -615,7 +625,14 @@ pub fn supervise(args: &RunArgs, socket: Option<PathBuf>) -> anyhow::Result<()> 
     crate::paths::sweep_dead_shadow_dirs(&runtime);
     let builds = crate::paths::ShadowDir::create_for_builds(&runtime)?;
     let black_box = BlackBox::create().context("creating the black box (memfd)")?;
-    let journal: Option<()> = None; // JOURNAL-CREATE
+    // Without --persist the caches live in the worker's memory: record
+    // them in memory of ours, so a new worker starts with every entry.
+    let journal = match args.persist {
+        Some(_) => None,
+        None => Some(
+            keepwarm::journal::Journal::create().context("creating the crash journal (memfd)")?,
+        ),
+    };
     let relays = Arc::new(Mutex::new(Vec::new()));
     let launch = Launch {
         server: &server,

@@ -1,0 +1,259 @@
+//! Issue 14: crash containment. Plugin code that segfaults, aborts or
+//! overflows its stack costs one call, never the host or a cached entry
+//! (docs/RELIABILITY.md, "Crash containment"). Every test drives the real
+//! binary on the `crashes` fixture, whose crashes are real signals.
+
+use std::path::{Path, PathBuf};
+
+use keepwarm_tests::{built_library, eventually, replace_atomically, HostProcess};
+
+/// Entries filled before each crash, checked after it.
+const FILLED: u64 = 2_000;
+
+/// The `crashes` library with its mode text (`KEEPWARM-CRASH-MODE:normal`)
+/// set to `mode`: another build, of the same length, that behaves as the
+/// mode says (`normal-b`, `onload-segv`, `thread-segv`).
+fn variant(dir: &Path, mode: &str) -> PathBuf {
+    const PREFIX: &[u8] = b"KEEPWARM-CRASH-MODE:";
+    const MODE_BYTES: usize = 32 - PREFIX.len();
+    assert!(mode.len() <= MODE_BYTES);
+    let mut bytes = std::fs::read(built_library("crashes")).unwrap();
+    let at = bytes
+        .windows(PREFIX.len())
+        .position(|w| w == PREFIX)
+        .expect("the mode text is in the library")
+        + PREFIX.len();
+    let padded = format!("{mode:.<MODE_BYTES$}");
+    bytes[at..at + MODE_BYTES].copy_from_slice(padded.as_bytes());
+    let path = dir.join(format!("variant-{mode}.so"));
+    std::fs::write(&path, bytes).unwrap();
+    path
+}
+
+/// A host on a copy of the normal build at `dir/libplugin.so`.
+fn host_on_copy(dir: &Path) -> (HostProcess, PathBuf) {
+    let lib = dir.join("libplugin.so");
+    std::fs::copy(variant(dir, "normal"), &lib).unwrap();
+    let host = HostProcess::start(&lib, &[]);
+    host.wait_for("generation 1 loaded");
+    (host, lib)
+}
+
+fn sq_figures(host: &HostProcess) -> (u64, u64) {
+    let stats = host.stats();
+    let sq = &stats["sq"];
+    (sq["hits"].as_u64().unwrap(), sq["misses"].as_u64().unwrap())
+}
+
+/// Every entry filled before a crash is a hit after it: `fill` again adds
+/// FILLED hits and no miss.
+fn assert_all_still_cached(host: &HostProcess, why: &str) {
+    let (hits, misses) = sq_figures(host);
+    assert_eq!(host.call("fill", &[&FILLED.to_string()]), FILLED);
+    let (hits_after, misses_after) = sq_figures(host);
+    assert_eq!(
+        (hits_after - hits, misses_after - misses),
+        (FILLED, 0),
+        "{why}: every entry filled before the crash is still a hit; host said:\n{}",
+        host.lines().join("\n")
+    );
+}
+
+#[test]
+fn every_crash_in_a_call_costs_that_call_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut host, _lib) = host_on_copy(dir.path());
+    let supervisor = host.pid();
+    assert_eq!(host.call("fill", &[&FILLED.to_string()]), FILLED);
+    let cases = [
+        ("segv", "SIGSEGV"),
+        ("bus", "SIGBUS"),
+        ("abort", "SIGABRT"),
+        // Rust's stack guard turns the overflow into an abort.
+        ("overflow", "SIG"),
+    ];
+    for (n, (function, signal)) in cases.iter().enumerate() {
+        let workers_before = host.worker_pid();
+        let args: &[&str] = if *function == "overflow" { &["0"] } else { &[] };
+        let mut all = vec!["call", function];
+        all.extend_from_slice(args);
+        let out = host.cli(&all);
+        assert_eq!(out.status, Some(1), "{function}: {out:?}");
+        assert!(
+            out.stderr.contains(&format!("plugin crashed: {signal}"))
+                && out
+                    .stderr
+                    .contains(&format!("in {function}() (generation 1)"))
+                && out.stderr.contains("the host restarted on generation 1"),
+            "{function}: {out:?}"
+        );
+        let line = host.wait_for_nth("keepwarm: plugin crashed:", n + 1);
+        assert!(
+            line.contains(&format!("in {function}() (generation 1)"))
+                && line.contains("restarted on generation 1 in ")
+                && line.ends_with(" ms"),
+            "{line}"
+        );
+        assert!(host.is_running(), "the supervisor outlives the crash");
+        assert_eq!(host.status()["pid"], supervisor, "same supervisor");
+        assert_ne!(host.worker_pid(), workers_before, "a new worker");
+        assert_all_still_cached(&host, function);
+    }
+    let status = host.status();
+    assert_eq!(status["restarts"], cases.len());
+    assert_eq!(status["last_crash"]["function"], "overflow");
+    assert_eq!(
+        status["bad_builds"],
+        serde_json::json!([]),
+        "a crash in a call is the call's fault"
+    );
+    assert_eq!(status["generation"], 1);
+    // Nothing left behind: one worker, its shadow directory and the
+    // supervisor's kept builds while running; nothing after SIGTERM.
+    let worker = host.worker_pid();
+    let runtime = host.runtime_dir().to_owned();
+    let shadows = std::fs::read_dir(runtime.join("keepwarm"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("shadow-"))
+        .count();
+    assert_eq!(shadows, 1, "the dead workers' shadow directories are swept");
+    let exit = host.stop(libc::SIGTERM);
+    assert!(exit.success(), "{exit:?}");
+    assert!(
+        !Path::new(&format!("/proc/{worker}")).exists(),
+        "the worker is gone and reaped"
+    );
+    let left: Vec<_> = std::fs::read_dir(runtime.join("keepwarm"))
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
+
+#[test]
+fn calls_running_when_the_worker_crashed_fail_with_the_crash_and_the_host_serves() {
+    let dir = tempfile::tempdir().unwrap();
+    let (host, _lib) = host_on_copy(dir.path());
+    let socket = host.socket().to_owned();
+    let runtime = host.runtime_dir().to_owned();
+    let slow = std::thread::spawn(move || {
+        std::process::Command::new(keepwarm_tests::keepwarm_bin())
+            .arg("--socket")
+            .arg(&socket)
+            .args(["call", "sleep_ms", "20000"])
+            .env("XDG_RUNTIME_DIR", &runtime)
+            .output()
+            .unwrap()
+    });
+    eventually("the slow call is running", || {
+        host.status()["calls_in_flight"]
+            .as_array()
+            .is_some_and(|c| !c.is_empty())
+    });
+    let out = host.cli(&["call", "segv"]);
+    assert_eq!(out.status, Some(1), "{out:?}");
+    assert!(
+        out.stderr.contains("plugin crashed: SIGSEGV in "),
+        "{out:?}"
+    );
+    let slow = slow.join().unwrap();
+    let stderr = String::from_utf8_lossy(&slow.stderr);
+    assert_eq!(slow.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("plugin crashed: SIGSEGV"), "{stderr}");
+    assert_eq!(host.call("sq", &["7"]), 49);
+}
+
+#[test]
+fn a_build_that_crashes_in_on_load_is_refused_until_the_file_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (host, lib) = host_on_copy(dir.path());
+    assert_eq!(host.call("fill", &[&FILLED.to_string()]), FILLED);
+    replace_atomically(&variant(dir.path(), "onload-segv"), &lib);
+    let line = host.wait_for("keepwarm: plugin crashed:");
+    assert!(
+        line.contains("SIGSEGV in on_load (generation 2)")
+            && line.contains("is not loaded again until the file changes")
+            && line.contains("restarted on generation 1"),
+        "{line}"
+    );
+    // The worker that restarted looked at the file, found the bad build and
+    // said so once.
+    host.wait_for("this build crashed the host (SIGSEGV in on_load");
+    assert_eq!(host.call("version", &[]), "normal");
+    let status = host.status();
+    assert_eq!(status["generation"], 1);
+    assert_eq!(status["bad_builds"][0]["generation"], 2);
+    assert_eq!(status["last_crash"]["in_load"], true);
+    assert_all_still_cached(&host, "after a crash in on_load");
+    // A touch is not a change: the bad build is not tried again.
+    let file = std::fs::File::options().append(true).open(&lib).unwrap();
+    file.set_modified(std::time::SystemTime::now()).unwrap();
+    drop(file);
+    assert_eq!(host.call("version", &[]), "normal");
+    // A new build loads (its number follows the bad one's).
+    replace_atomically(&variant(dir.path(), "normal-b"), &lib);
+    host.wait_for("generation 3 reloaded");
+    assert_eq!(host.call("version", &[]), "normal-b");
+    assert_eq!(
+        host.count("keepwarm: plugin crashed:"),
+        1,
+        "one crash, one line"
+    );
+    assert_all_still_cached(&host, "after the next build");
+}
+
+#[test]
+fn a_build_that_crashes_on_its_own_right_after_loading_is_marked_bad_without_a_restart_loop() {
+    let dir = tempfile::tempdir().unwrap();
+    let (host, lib) = host_on_copy(dir.path());
+    assert_eq!(host.call("fill", &[&FILLED.to_string()]), FILLED);
+    replace_atomically(&variant(dir.path(), "thread-segv"), &lib);
+    host.wait_for("generation 2 reloaded");
+    let line = host.wait_for("keepwarm: plugin crashed:");
+    assert!(
+        line.contains("SIGSEGV with no call running (generation 2)")
+            && line.contains("is not loaded again")
+            && line.contains("restarted on generation 1"),
+        "{line}"
+    );
+    assert_eq!(host.call("version", &[]), "normal");
+    assert_all_still_cached(&host, "after a crash on a plugin thread");
+    // The next build loads; the bad one never ran again meanwhile.
+    replace_atomically(&variant(dir.path(), "normal-c"), &lib);
+    host.wait_for("generation 3 reloaded");
+    assert_eq!(host.call("version", &[]), "normal-c");
+    assert_eq!(
+        host.count("keepwarm: plugin crashed:"),
+        1,
+        "no restart loop"
+    );
+    assert_eq!(host.status()["restarts"], 1);
+}
+
+#[test]
+fn a_build_that_crashes_before_any_build_worked_leaves_the_host_up_and_waiting() {
+    let dir = tempfile::tempdir().unwrap();
+    let lib = dir.path().join("libplugin.so");
+    std::fs::copy(variant(dir.path(), "onload-segv"), &lib).unwrap();
+    let mut host = HostProcess::start(&lib, &[]);
+    let line = host.wait_for("keepwarm: plugin crashed:");
+    assert!(
+        line.contains("SIGSEGV in on_load (generation 1)")
+            && line.contains("with no build loaded: waiting for the next build"),
+        "{line}"
+    );
+    assert!(host.is_running());
+    let out = host.cli(&["call", "version"]);
+    assert_eq!(out.status, Some(1), "{out:?}");
+    assert_eq!(host.status()["generation"], 0);
+    replace_atomically(&variant(dir.path(), "normal"), &lib);
+    host.wait_for("generation 2 loaded");
+    assert_eq!(host.call("version", &[]), "normal");
+}
+
+#[test]
+fn memoized_recursion_a_million_deep_answers_from_the_cli() {
+    let mut host = HostProcess::start(&built_library("crashes"), &[]);
+    assert_eq!(host.call("deep", &["1000000"]), 1_000_000);
+    assert!(host.is_running());
+}
