@@ -206,6 +206,9 @@ impl Journal {
         if ptr == libc::MAP_FAILED {
             return Err(std::io::Error::last_os_error());
         }
+        // A process the plugin forks must not write our records.
+        // SAFETY: advice on the mapping just made, of its exact length.
+        unsafe { libc::madvise(ptr, map_len(), libc::MADV_DONTFORK) };
         Ok(Journal {
             fd,
             base: ptr.cast(),
@@ -466,6 +469,12 @@ impl Journal {
                 ));
             }
         }
+        // Owned copies before the old region is released (the names borrow it).
+        let caches = names
+            .iter()
+            .zip(&identities)
+            .map(|(n, (id, _))| ((*n).to_owned(), *id))
+            .collect();
         header.committed[other].store(offset, Ordering::Release);
         // The flip: one store; a death before it leaves the old region
         // active and whole.
@@ -485,11 +494,6 @@ impl Journal {
         };
         writer.offset = offset;
         writer.compact_at = (2 * offset).clamp(COMPACT_AT_LEAST, REGION);
-        let caches = names
-            .iter()
-            .zip(&identities)
-            .map(|(n, (id, _))| ((*n).to_owned(), *id))
-            .collect();
         Replayed {
             caches,
             entries,
