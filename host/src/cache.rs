@@ -742,7 +742,8 @@ impl Cache {
     }
 
     /// Puts an entry found in the crash journal back in memory, as it was
-    /// (its age, its cost), without writing it anywhere. An entry computed
+    /// (its age, its cost), without writing it anywhere and without
+    /// evicting. An entry computed
     /// by other code than the cache's now is left out, as a read from a
     /// durable store would be; so is a key already in memory.
     pub fn restore(&self, key: &[u8], record: crate::persist::Record) {
@@ -761,7 +762,9 @@ impl Cache {
         };
         inner.bytes += entry_bytes(key, &slot.value);
         inner.lru.push(Box::from(key), slot);
-        inner.evict_to_bounds(|k| self.evicted(k));
+        // No eviction here: the journal holds what fitted the bounds of the
+        // worker that wrote it, and the bounds a plugin declares are not
+        // known until it loads (its declaration evicts if they are tighter).
     }
 
     /// Drops every entry; returns how many there were.

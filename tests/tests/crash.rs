@@ -257,3 +257,87 @@ fn memoized_recursion_a_million_deep_answers_from_the_cli() {
     assert_eq!(host.call("deep", &["1000000"]), 1_000_000);
     assert!(host.is_running());
 }
+
+/// The prompt lives in the supervisor and talks to the worker: memoized
+/// recursion a million deep answers there, and a crash at the prompt costs
+/// that call only — the prompt stays, and so do the entries.
+#[test]
+fn at_the_prompt_deep_recursion_answers_and_a_crash_costs_one_call() {
+    const DRIVER: &str = r#"
+binary, lib, sock = sys.argv[1:4]
+pid, fd = pty.fork()
+if pid == 0:
+    os.execv(binary, [binary, "run", lib, "--socket", sock])
+def command(keys, marker):
+    # Done when the answer shows and the next prompt after it.
+    global out
+    at = len(out)
+    os.write(fd, keys)
+    end = time.time() + 240
+    while True:
+        tail = out[at:]
+        seen = tail.find(marker)
+        if seen >= 0 and b"keepwarm> " in tail[seen:]:
+            return
+        r, _, _ = select.select([fd], [], [], 0.2)
+        if r:
+            out += os.read(fd, 65536)
+        if time.time() > end:
+            sys.stdout.write(out.decode(errors="replace"))
+            raise SystemExit("timeout waiting for %r" % marker)
+read_until(b"keepwarm> ")
+command(b"call deep 1000000\r", b"K1000000\r\n")
+command(b"call fill 50\r", b"\n50\r\n")
+command(b"call segv\r", b"restarted on generation 1 in ")
+command(b"call deep 1000000\r", b"\n1000000\r\n")
+command(b"stats deep\r", b"evictions")
+os.write(fd, b"quit\r")
+try:
+    while True:
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            break
+        out += chunk
+except OSError:
+    pass
+os.waitpid(pid, 0)
+sys.stdout.write(out.decode(errors="replace"))
+"#;
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(keepwarm_tests::pty_python(DRIVER))
+        .arg(keepwarm_tests::keepwarm_bin())
+        .arg(built_library("crashes"))
+        .arg(dir.path().join("prompt.sock"))
+        .env("XDG_RUNTIME_DIR", dir.path())
+        .env("XDG_STATE_HOME", dir.path())
+        .env("TERM", "xterm")
+        .output()
+        .expect("python3");
+    let screen = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}\n{screen}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        screen.contains("plugin crashed: SIGSEGV in segv() (generation 1)"),
+        "{screen}"
+    );
+    // After the crash, deep(1000000) is one hit: the entry survived.
+    let after = &screen[screen.find("plugin crashed").unwrap()..];
+    let stats = &after[after.find("stats deep").unwrap()..];
+    let row = stats
+        .lines()
+        .find(|l| l.starts_with("deep "))
+        .unwrap_or_else(|| panic!("a row for deep in:\n{stats}"));
+    let figures: Vec<&str> = row.split_whitespace().collect();
+    // cache entries bytes capacity max_bytes hits misses ...
+    assert_eq!(figures[1], "1000001", "every level is still cached: {row}");
+    assert_eq!(figures[5], "1", "the second call is one hit: {row}");
+    assert!(
+        !dir.path().join("prompt.sock").exists(),
+        "quit removes the socket"
+    );
+}

@@ -132,7 +132,23 @@ fn run(args: RunArgs, socket: Option<std::path::PathBuf>) -> anyhow::Result<()> 
     config.then = args.then;
     config.persist = args.persist;
     config.persist_max_bytes = args.persist_max_bytes;
-    config.events = Some(crate::output::event_sink());
+    config.events = Some(match &worker.supervised.start_from {
+        // A restart: the supervisor's crash line says which generation
+        // serves again; its load is not said a second time.
+        Some((_, generation)) => {
+            let generation = *generation;
+            let said = std::sync::atomic::AtomicBool::new(false);
+            std::sync::Arc::new(move |event: &keepwarm::Event| {
+                if let keepwarm::Event::Loaded { generation: g, .. } = event {
+                    if *g == generation && !said.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                        return;
+                    }
+                }
+                crate::output::say(&crate::render::line(event))
+            })
+        }
+        None => crate::output::event_sink(),
+    });
     config.supervised = Some(worker.supervised);
     config.journal = worker.journal;
     Serve {
