@@ -520,7 +520,7 @@ impl Cache {
                 inner.saved_ns += cost;
                 return Some(v);
             }
-            if self.durable.is_none() {
+            if !self.durable.as_ref().is_some_and(|d| d.reads) {
                 inner.misses += 1;
                 return None;
             }
@@ -617,7 +617,7 @@ impl Cache {
                 Found::Copied(v.len())
             }
             Some(v) => Found::Shared(Arc::clone(v)),
-            None if self.durable.is_some() => {
+            None if self.durable.as_ref().is_some_and(|d| d.reads) => {
                 drop(inner);
                 return self.get_into_durable(key, buf, want);
             }

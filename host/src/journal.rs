@@ -44,6 +44,8 @@
 //! ```
 
 use std::collections::HashMap;
+
+type FoldMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -410,10 +412,12 @@ impl Journal {
         let mut notes = Vec::new();
         // Cache index by name, identities, and per cache the offset of the
         // live put of each key.
+        // foldhash, not SipHash: the keys are our own records, and hashing
+        // every live key is most of a compaction's cost.
         let mut names: Vec<&str> = Vec::new();
-        let mut index: HashMap<&str, usize> = HashMap::new();
+        let mut index: FoldMap<&str, usize> = FoldMap::default();
         let mut identities: Vec<(u64, Option<usize>)> = Vec::new();
-        let mut live: Vec<HashMap<&[u8], usize>> = Vec::new();
+        let mut live: Vec<FoldMap<&[u8], usize>> = Vec::new();
         let mut at = 0usize;
         while (at as u64) < committed {
             let Some(r) = parse(&region[at..committed as usize]) else {
@@ -425,7 +429,7 @@ impl Journal {
             let i = *index.entry(r.cache).or_insert_with(|| {
                 names.push(r.cache);
                 identities.push((0, None));
-                live.push(HashMap::new());
+                live.push(FoldMap::default());
                 names.len() - 1
             });
             match r.kind {

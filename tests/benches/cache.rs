@@ -331,9 +331,58 @@ fn restart(c: &mut Criterion) {
     g.finish();
 }
 
+/// Crash protection on the cold path (issue 14): `cold_memo(N)`, N cold
+/// memoized calls each making one small put, on a host whose caches are in
+/// memory only (what `keepwarm run` had before), recorded in the crash
+/// journal (what a supervised worker does without `--persist`), and in the
+/// SQLite store (what a private `--persist` would cost; fewer calls, it is
+/// two orders of magnitude slower). The cache is reset before each run.
+fn crash_protection(c: &mut Criterion) {
+    use keepwarm::journal::Journal;
+    let mut g = c.benchmark_group("crash_protection");
+    g.sample_size(10);
+    g.measurement_time(Duration::from_secs(10));
+    let library = built_release_library("bench_plugin");
+    let store_dir = tempfile::tempdir().unwrap();
+    let hosts = [
+        ("a_memory_only_1m", Config::new(&library), 1_000_000u64),
+        (
+            "b_crash_journal_1m",
+            Config {
+                journal: Some(Arc::new(Journal::create().unwrap())),
+                ..Config::new(&library)
+            },
+            1_000_000,
+        ),
+        (
+            "c_sqlite_store_100k",
+            Config::new(&library).persist(store_dir.path()),
+            100_000,
+        ),
+    ];
+    for (row, config, n) in hosts {
+        let host = Host::new(config).unwrap();
+        host.reload(false).unwrap();
+        g.bench_function(row, |b| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    host.reset("cold");
+                    let start = Instant::now();
+                    black_box(call(&host, "cold_memo", json!([n])));
+                    total += start.elapsed();
+                }
+                total
+            })
+        });
+        host.shutdown(Duration::from_secs(5));
+    }
+    g.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(2)).sample_size(30);
-    targets = hits, memo, evicting_puts, durable_puts, restart
+    targets = hits, memo, evicting_puts, durable_puts, restart, crash_protection
 }
 criterion_main!(benches);

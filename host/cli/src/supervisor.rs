@@ -55,6 +55,13 @@ pub const PROBATION: Duration = Duration::from_secs(5);
 pub const CRASHES_BEFORE_BAD: usize = 3;
 /// See [`CRASHES_BEFORE_BAD`].
 pub const CRASH_WINDOW: Duration = Duration::from_secs(30);
+/// More than this many unexplained restarts (no call running, no bad build)
+/// within [`LOOP_WINDOW`] pause each further restart by [`LOOP_PAUSE`].
+pub const LOOP_RESTARTS: usize = 5;
+/// See [`LOOP_RESTARTS`].
+pub const LOOP_WINDOW: Duration = Duration::from_secs(10);
+/// See [`LOOP_RESTARTS`].
+pub const LOOP_PAUSE: Duration = Duration::from_secs(1);
 /// How long a stopping worker gets before it is killed.
 const STOP_GRACE: Duration = Duration::from_secs(10);
 
@@ -689,18 +696,23 @@ pub fn supervise(args: &RunArgs, socket: Option<PathBuf>) -> anyhow::Result<()> 
                 drain_all(&relays);
                 history.restarts += 1;
                 history.last_crash = Some(verdict.crash.clone());
-                let now = Instant::now();
-                history.recent_restarts.push_back(now);
-                while history
-                    .recent_restarts
-                    .front()
-                    .is_some_and(|t| now.duration_since(*t) > Duration::from_secs(10))
-                {
-                    history.recent_restarts.pop_front();
-                }
-                if history.recent_restarts.len() > 5 {
-                    // A crash loop that no build explains: slow it down.
-                    std::thread::sleep(Duration::from_secs(1));
+                // A crash in a call is that call's fault, and the user sees
+                // it: restart at once. Crashes with no call running that no
+                // bad build explains (a machine problem, a build that
+                // crashes later than its probation) are a loop: slow it down.
+                if verdict.crash.function.is_none() && verdict.bad.is_none() {
+                    let now = Instant::now();
+                    history.recent_restarts.push_back(now);
+                    while history
+                        .recent_restarts
+                        .front()
+                        .is_some_and(|t| now.duration_since(*t) > LOOP_WINDOW)
+                    {
+                        history.recent_restarts.pop_front();
+                    }
+                    if history.recent_restarts.len() > LOOP_RESTARTS {
+                        std::thread::sleep(LOOP_PAUSE);
+                    }
                 }
                 black_box.clear();
                 let _ = worker.started;
