@@ -520,10 +520,53 @@ impl HostProcess {
     }
 }
 
+/// The children of process `pid` (a supervisor's worker), from /proc.
+pub fn children_of(pid: u32) -> Vec<u32> {
+    let mut found = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        if let Ok(text) = std::fs::read_to_string(task.path().join("children")) {
+            found.extend(
+                text.split_whitespace()
+                    .filter_map(|p| p.parse::<u32>().ok()),
+            );
+        }
+    }
+    found
+}
+
 impl Drop for HostProcess {
+    /// Kills the host at once, as SIGKILL does to a process the user kills,
+    /// and its worker with it (a supervisor's worker would otherwise stop
+    /// cleanly on its own, while the next test step already runs).
     fn drop(&mut self) {
+        let workers = children_of(self.child.id());
+        for w in &workers {
+            // SAFETY: kill(2) on a child of our child; no memory involved.
+            unsafe { libc::kill(*w as i32, libc::SIGKILL) };
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        for w in workers {
+            // Reparented to init: gone, or a zombie (dead) until reaped.
+            let alive = || {
+                std::fs::read_to_string(format!("/proc/{w}/stat")).is_ok_and(|stat| {
+                    !stat
+                        .rsplit(')')
+                        .next()
+                        .unwrap_or("")
+                        .trim_start()
+                        .starts_with('Z')
+                })
+            };
+            while alive() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
     }
 }
 

@@ -190,14 +190,32 @@ fn a_build_that_crashes_in_on_load_is_refused_until_the_file_changes() {
     file.set_modified(std::time::SystemTime::now()).unwrap();
     drop(file);
     assert_eq!(host.call("version", &[]), "normal");
-    // A new build loads (its number follows the bad one's).
-    replace_atomically(&variant(dir.path(), "normal-b"), &lib);
-    host.wait_for("generation 3 reloaded");
-    assert_eq!(host.call("version", &[]), "normal-b");
     assert_eq!(
         host.count("keepwarm: plugin crashed:"),
         1,
         "one crash, one line"
+    );
+    // An explicit reload tries the bad build once more: it crashes again,
+    // the reload exits 1 saying so (it is not sent again), and generation 1
+    // still serves.
+    let out = host.cli(&["reload"]);
+    assert_eq!(out.status, Some(1), "{out:?}");
+    assert!(
+        out.stderr.contains("plugin crashed: SIGSEGV in on_load")
+            && out.stderr.contains("the host restarted on generation 1"),
+        "{out:?}"
+    );
+    host.wait_for_nth("keepwarm: plugin crashed:", 2);
+    assert_eq!(host.call("version", &[]), "normal");
+    // A new build loads (its number follows the bad ones').
+    replace_atomically(&variant(dir.path(), "normal-b"), &lib);
+    let line = host.wait_for(" reloaded in ");
+    assert!(line.contains("caches kept"), "{line}");
+    assert_eq!(host.call("version", &[]), "normal-b");
+    assert_eq!(
+        host.count("keepwarm: plugin crashed:"),
+        2,
+        "two crashes, two lines"
     );
     assert_all_still_cached(&host, "after the next build");
 }

@@ -153,8 +153,11 @@ pub fn request_surviving(
         // The clocks are the same machine's; a crash before the request
         // was sent is not this one.
         .filter(|c| c.time + 0.5 >= sent);
+    // A call or a reload runs plugin code: the crash is its answer (a
+    // reload sent again would load the crashing build again). Other requests
+    // run none, and are sent once more.
     match (crash, request) {
-        (Some(crash), Request::Call { .. }) => {
+        (Some(crash), Request::Call { .. } | Request::Reload { .. }) => {
             let restarted = match crash.restarted_on {
                 Some(g) => format!("the host restarted on generation {g}"),
                 None => "the host restarted and waits for a build that loads".to_owned(),
