@@ -359,3 +359,27 @@ sys.stdout.write(out.decode(errors="replace"))
         "quit removes the socket"
     );
 }
+
+/// A worker killed from outside (`kill -9`, the OOM killer) right after
+/// its build loaded is not the build's fault: the host restarts on the same
+/// build, which is not marked bad, with every entry.
+#[test]
+fn a_worker_killed_from_outside_restarts_on_the_same_build() {
+    let dir = tempfile::tempdir().unwrap();
+    let (host, _lib) = host_on_copy(dir.path());
+    assert_eq!(host.call("fill", &[&FILLED.to_string()]), FILLED);
+    let worker = host.worker_pid();
+    // SAFETY: kill(2) on the host's worker; no memory involved.
+    unsafe { libc::kill(worker as i32, libc::SIGKILL) };
+    let line = host.wait_for("keepwarm: plugin crashed:");
+    assert!(
+        line.contains("SIGKILL with no call running (generation 1)")
+            && line.contains("restarted on generation 1")
+            && !line.contains("not loaded again"),
+        "{line}"
+    );
+    let status = host.status();
+    assert_eq!(status["bad_builds"], serde_json::json!([]));
+    assert_ne!(status["worker_pid"], worker);
+    assert_all_still_cached(&host, "after kill -9 of the worker");
+}

@@ -367,6 +367,16 @@ pub fn signal_name(signal: i32) -> String {
     )
 }
 
+/// Whether the worker was stopped from outside (`kill`, the OOM killer)
+/// rather than by a fault of the code it ran: such a death with no call
+/// running never makes a build bad.
+fn external(status: ExitStatus) -> bool {
+    matches!(
+        status.signal(),
+        Some(libc::SIGKILL | libc::SIGTERM | libc::SIGINT | libc::SIGHUP | libc::SIGQUIT)
+    )
+}
+
 /// How a worker ended, as the crash line says it.
 fn how_it_ended(status: ExitStatus) -> String {
     match (status.signal(), status.code()) {
@@ -417,7 +427,7 @@ impl History {
                 generation: g,
                 why: format!("{signal} in on_load"),
             })
-        } else if let (Some((g, hash, _)), 0) = (seen.live, calls) {
+        } else if let (Some((g, hash, _)), 0, false) = (seen.live, calls, external(status)) {
             self.lone_crashes.push_back((hash, now));
             while self
                 .lone_crashes
