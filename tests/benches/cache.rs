@@ -92,6 +92,15 @@ fn hits(c: &mut Criterion) {
         host.reload(false).unwrap();
         host
     };
+    // And on a host recording its caches in the crash journal (a
+    // supervised worker without --persist): a hit never touches it.
+    let journaled = {
+        let mut config = Config::new(built_release_library("bench_plugin"));
+        config.journal = Some(Arc::new(keepwarm::journal::Journal::create().unwrap()));
+        let host = Host::new(config).unwrap();
+        host.reload(false).unwrap();
+        host
+    };
     let mut g = c.benchmark_group("hit");
     for (name, klen, vlen) in SIZES {
         let cache = format!("hit_{name}");
@@ -124,6 +133,17 @@ fn hits(c: &mut Criterion) {
             b.iter_custom(|iters| {
                 let start = Instant::now();
                 call(&persisted, "get_loop", json!([cache, klen, iters, true]));
+                start.elapsed()
+            })
+        });
+        assert_eq!(
+            call(&journaled, "prepare", json!([cache, klen, vlen])),
+            true
+        );
+        g.bench_function(BenchmarkId::new("g_host_cache_handle_journal", name), |b| {
+            b.iter_custom(|iters| {
+                let start = Instant::now();
+                call(&journaled, "get_loop", json!([cache, klen, iters, true]));
                 start.elapsed()
             })
         });
