@@ -46,7 +46,7 @@
 use std::collections::HashMap;
 
 type FoldMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use parking_lot::Mutex;
@@ -141,19 +141,7 @@ impl Journal {
     /// A new, empty journal (the supervisor's), in a memfd that is closed on
     /// exec (hand it to a worker with [`Journal::inheritable`]).
     pub fn create() -> std::io::Result<Journal> {
-        // SAFETY: memfd_create takes a NUL-terminated name and flags, and
-        // returns a new descriptor or -1.
-        let raw = unsafe { libc::memfd_create(c"keepwarm-journal".as_ptr(), libc::MFD_CLOEXEC) };
-        if raw < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        // SAFETY: `raw` is a descriptor we just created and nobody else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        // SAFETY: ftruncate on our own memfd: a sparse file of map_len()
-        // bytes, which read as zero and take no memory until written.
-        if unsafe { libc::ftruncate(fd.as_raw_fd(), map_len() as libc::off_t) } != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
+        let fd = crate::supervision::memfd(c"keepwarm-journal", map_len() as u64)?;
         let journal = Journal::map(fd)?;
         journal.header().magic.store(MAGIC, Ordering::Release);
         Ok(journal)
@@ -626,6 +614,7 @@ impl Tier for JournalTier {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::fd::FromRawFd;
 
     fn reopen(j: &Journal) -> (Journal, Replayed) {
         let again = Journal::from_fd(j.try_clone_fd().unwrap()).unwrap();

@@ -108,18 +108,7 @@ fn page_len() -> usize {
 impl BlackBox {
     /// A new, empty black box (the supervisor's).
     pub fn create() -> std::io::Result<BlackBox> {
-        // SAFETY: memfd_create takes a NUL-terminated name and flags and
-        // returns a new descriptor or -1.
-        let raw = unsafe { libc::memfd_create(c"keepwarm-black-box".as_ptr(), libc::MFD_CLOEXEC) };
-        if raw < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        // SAFETY: `raw` is a descriptor we just created and nobody else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        // SAFETY: ftruncate on our own memfd; the new bytes read as zero.
-        if unsafe { libc::ftruncate(fd.as_raw_fd(), page_len() as libc::off_t) } != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
+        let fd = memfd(c"keepwarm-black-box", page_len() as u64)?;
         let black_box = BlackBox::map(fd)?;
         black_box.page.magic.store(MAGIC, Ordering::Release);
         Ok(black_box)
@@ -314,6 +303,26 @@ impl Drop for CallNote<'_> {
             }
         }
     }
+}
+
+/// A new memfd of `len` bytes (sparse: they read as zero and take no memory
+/// until written), closed on exec.
+pub(crate) fn memfd(name: &std::ffi::CStr, len: u64) -> std::io::Result<OwnedFd> {
+    // SAFETY: memfd_create takes a NUL-terminated name and flags and
+    // returns a new descriptor or -1.
+    let raw = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    if raw < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `raw` is a descriptor we just created and nobody else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    let len = libc::off_t::try_from(len)
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    // SAFETY: ftruncate on our own memfd.
+    if unsafe { libc::ftruncate(fd.as_raw_fd(), len) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(fd)
 }
 
 fn clear_cloexec(fd: RawFd) -> std::io::Result<()> {

@@ -690,3 +690,27 @@ def read_until(marker):
 "#;
     format!("{PRELUDE}{body}")
 }
+
+/// Runs `driver` ([`pty_python`]) with the arguments `keepwarm run` needs
+/// (the binary, `library`, a socket in `dir`), the runtime directory in
+/// `dir`; asserts that it succeeded and returns what the terminal showed.
+pub fn prompt_session(driver: &str, library: &Path, dir: &Path) -> String {
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(pty_python(driver))
+        .arg(keepwarm_bin())
+        .arg(library)
+        .arg(dir.join("prompt.sock"))
+        .env("XDG_RUNTIME_DIR", dir)
+        .env("XDG_STATE_HOME", dir)
+        .env("TERM", "xterm")
+        .output()
+        .expect("python3");
+    let screen = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{}\n{screen}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    screen
+}

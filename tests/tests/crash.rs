@@ -322,23 +322,7 @@ os.waitpid(pid, 0)
 sys.stdout.write(out.decode(errors="replace"))
 "#;
     let dir = tempfile::tempdir().unwrap();
-    let out = std::process::Command::new("python3")
-        .arg("-c")
-        .arg(keepwarm_tests::pty_python(DRIVER))
-        .arg(keepwarm_tests::keepwarm_bin())
-        .arg(built_library("crashes"))
-        .arg(dir.path().join("prompt.sock"))
-        .env("XDG_RUNTIME_DIR", dir.path())
-        .env("XDG_STATE_HOME", dir.path())
-        .env("TERM", "xterm")
-        .output()
-        .expect("python3");
-    let screen = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}\n{screen}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let screen = keepwarm_tests::prompt_session(DRIVER, &built_library("crashes"), dir.path());
     assert!(
         screen.contains("plugin crashed: SIGSEGV in segv() (generation 1)"),
         "{screen}"

@@ -48,23 +48,8 @@ sys.stdout.write(out.decode(errors="replace"))
 #[test]
 fn the_prompt_runs_commands_completes_names_and_quits() {
     let dir = tempfile::tempdir().unwrap();
-    let out = Command::new("python3")
-        .arg("-c")
-        .arg(keepwarm_tests::pty_python(DRIVER))
-        .arg(keepwarm_bin())
-        .arg(built_library("example-plugin"))
-        .arg(dir.path().join("prompt.sock"))
-        .env("XDG_RUNTIME_DIR", dir.path())
-        .env("XDG_STATE_HOME", dir.path())
-        .env("TERM", "xterm")
-        .output()
-        .expect("python3");
-    let screen = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}\n{screen}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let screen =
+        keepwarm_tests::prompt_session(DRIVER, &built_library("example-plugin"), dir.path());
     for expected in [
         "generation 1 loaded",
         "[gen 1] Squaring 10",
