@@ -638,7 +638,11 @@ impl Plugin {
                     .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
                 self.shared.emit(&event);
                 drop(state);
-                self.run_then();
+                // A restart on a kept build is not a new build: `--then`
+                // already ran for it (and may be what crashed).
+                if start_from.is_none() {
+                    self.run_then();
+                }
                 Ok(Reloaded::Loaded {
                     generation: number,
                     reset,

@@ -367,3 +367,18 @@ fn a_worker_killed_from_outside_restarts_on_the_same_build() {
     assert_ne!(status["worker_pid"], worker);
     assert_all_still_cached(&host, "after kill -9 of the worker");
 }
+
+/// `--then FN` runs after each new build; when FN crashes the worker, the
+/// restart on that build does not run it again: no restart loop.
+#[test]
+fn a_then_function_that_crashes_is_not_run_again_by_the_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let lib = dir.path().join("libplugin.so");
+    std::fs::copy(variant(dir.path(), "normal"), &lib).unwrap();
+    let host = HostProcess::start(&lib, &["--then", "segv"]);
+    let line = host.wait_for("keepwarm: plugin crashed:");
+    assert!(line.contains("SIGSEGV in segv() (generation 1)"), "{line}");
+    assert_eq!(host.call("version", &[]), "normal");
+    assert_eq!(host.status()["restarts"], 1, "one crash, no loop");
+    assert_eq!(host.count("keepwarm: plugin crashed:"), 1);
+}
