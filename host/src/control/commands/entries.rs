@@ -32,7 +32,11 @@ fn epoch_of(host: &Host, cache: &Cache, stamp: u64) -> u64 {
 }
 
 fn found(host: &Host, cache: &Cache, epoch: u64, value: Option<&[u8]>) -> serde_json::Value {
-    let mut result = json!({ "found": value.is_some(), "stamp": stamp(host, cache, epoch) });
+    let mut result = json!({
+        "found": value.is_some(),
+        "stamp": stamp(host, cache, epoch),
+        "instance": host.epoch_page().map(|p| p.instance()),
+    });
     if let Some(v) = value {
         result["value"] = json!(BASE64.encode(v));
     }
