@@ -22,8 +22,9 @@ PROTOCOL_VERSION = 1
 MAX_REQUEST_BYTES = 1 << 20
 #: Seconds a ``get_or_wait`` waits for another process's value.
 WAIT_S = 60.0
-#: Seconds between two attempts to reach a host that was not there.
-RETRY_S = 1.0
+#: Seconds between two attempts to reach a host that was not there
+#: (``KEEPWARM_RETRY_S`` overrides it).
+RETRY_S = float(os.environ.get("KEEPWARM_RETRY_S") or 1.0)
 
 PAGE_MAGIC = b"KWEPOCH1"
 PAGE_HEADER = 64

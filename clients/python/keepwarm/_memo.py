@@ -74,6 +74,13 @@ class _Cache:
         self.local_hits = 0
         self.local_misses = 0
 
+    def take_hits(self) -> int:
+        """The hits to report to the host, counted as reported (a hit that
+        lands meanwhile waits for the next report)."""
+        with self.lock:
+            n, self.hits = self.hits, 0
+        return n
+
     def after_fork(self) -> None:
         # The parent reports its own hits.
         self.hits = 0
@@ -167,19 +174,18 @@ def _warn_down(name: str) -> None:
 def _flush_at_exit() -> None:
     # Tell the host of the hits the front tiers served, so `keepwarm stats`
     # counts them after this process is gone (best effort, never raises).
+    if _HOST.down_since is not None:
+        return
     requests = [
-        {"cmd": "cache_info", "cache": c.name, "hits": c.hits}
+        {"cmd": "cache_info", "cache": c.name, "hits": c.take_hits()}
         for c in list(_CACHES.values())
         if c.hits and c.instance is not None
     ]
-    if not requests or getattr(_HOST.local, "conn", None) is None and _HOST.down_since is not None:
-        return
-    try:
-        _HOST.request(*requests)
-    except Exception:
-        return
-    for c in _CACHES.values():
-        c.hits = 0
+    if requests:
+        try:
+            _HOST.request(*requests)
+        except Exception:
+            pass
 
 
 atexit.register(_flush_at_exit)
@@ -250,7 +256,7 @@ class _Memo:
                 "cmd": "get_or_wait",
                 "cache": c.name,
                 "key": b64(key),
-                "hits": c.hits,
+                "hits": c.take_hits(),
                 "wait_s": _host.WAIT_S,
             }
             if c.instance is None or c.instance != _HOST.instance:
@@ -259,7 +265,6 @@ class _Memo:
                     c.opened(opened["result"])
             else:
                 (answer,) = _HOST.request(lookup)
-            c.hits = 0
             if not answer.get("ok"):
                 raise HostDown("the host refused a lookup: %s" % answer.get("error"))
             result = answer["result"]
@@ -348,9 +353,8 @@ class _Memo:
             requests = []
             if c.instance is None or c.instance != _HOST.instance:
                 requests.append(c.open_request())
-            requests.append({"cmd": "cache_info", "cache": c.name, "hits": c.hits})
+            requests.append({"cmd": "cache_info", "cache": c.name, "hits": c.take_hits()})
             answers = _HOST.request(*requests)
-            c.hits = 0
             if len(answers) == 2 and answers[0].get("ok"):
                 c.opened(answers[0]["result"])
             s = answers[-1]
