@@ -187,7 +187,7 @@ impl EpochPage {
         let state = self.state.lock();
         let &i = state.by_name.get(cache.name())?;
         let twice = stamp.wrapping_sub(state.slots[i].0);
-        (twice % 2 == 0).then_some(twice / 2)
+        twice.is_multiple_of(2).then_some(twice / 2)
     }
 
     /// Writes `cache`'s current stamp after a reset. Two resets racing may

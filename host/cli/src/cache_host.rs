@@ -43,11 +43,13 @@ pub fn serve(args: ServeArgs, socket: Option<PathBuf>) -> anyhow::Result<()> {
     // Bind first: a second host on the same socket stops here, before it
     // touches the first one's epoch page.
     let server = Server::bind(&socket)?;
-    let mut config = Config::default();
-    config.cache_bounds = args.caches.into_iter().collect();
-    config.persist = args.persist;
-    config.persist_max_bytes = args.persist_max_bytes;
-    config.events = Some(crate::output::event_sink());
+    let config = Config {
+        cache_bounds: args.caches.into_iter().collect(),
+        persist: args.persist,
+        persist_max_bytes: args.persist_max_bytes,
+        events: Some(crate::output::event_sink()),
+        ..Config::default()
+    };
     let host = Host::without_plugin(config)?;
     let page_path = keepwarm::epochs::page_path(&paths::runtime_dir()?, server.path())?;
     let page = Arc::new(keepwarm::epochs::EpochPage::create(&page_path)?);
