@@ -314,7 +314,7 @@ class _Memo:
             request = {"cmd": "release", "cache": c.name, "key": b64(key)}
         if stamp is not None and "value" in request:
             request["stamp"] = stamp
-        if len(request.get("key", "")) + len(request.get("value", "")) + 200 > _host.MAX_REQUEST_BYTES:
+        if len(request.get("key", b"")) + len(request.get("value", b"")) + 200 + len(c.name) * 6 > _host.MAX_REQUEST_BYTES:
             warnings.warn(
                 "keepwarm: the result of %s() is too large for the host (more than %d bytes "
                 "pickled, in base64); it is kept in this process only"
