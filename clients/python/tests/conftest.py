@@ -77,14 +77,17 @@ class Lines:
 
 
 class Serve:
-    """A running `keepwarm serve --socket SOCKET`."""
+    """A running `keepwarm serve --socket SOCKET` (without `--socket` when
+    `socket_path` is None: the default socket of the runtime directory)."""
 
-    def __init__(self, runtime: Path, socket_path: Path, extra: Optional[List[str]] = None) -> None:
+    def __init__(self, runtime: Path, socket_path: Optional[Path], extra: Optional[List[str]] = None) -> None:
         self.runtime = runtime
-        self.socket = socket_path
+        self.socket = socket_path or runtime / "keepwarm" / "serve.sock"
         self.env = dict(os.environ, XDG_RUNTIME_DIR=str(runtime))
+        self.env.pop("KEEPWARM_SOCKET", None)
+        where = ["--socket", str(socket_path)] if socket_path else []
         self.process = subprocess.Popen(
-            [keepwarm_bin(), "serve", "--socket", str(socket_path)] + (extra or []),
+            [keepwarm_bin(), "serve"] + where + (extra or []),
             env=self.env,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
@@ -94,7 +97,7 @@ class Serve:
         self.output = Lines(self.process.stdout)
         self.output.wait_for("serving caches")
         deadline = time.monotonic() + WAIT
-        while not _answers(str(socket_path)):
+        while not _answers(str(self.socket)):
             assert time.monotonic() < deadline and self.process.poll() is None, self.output.all()
             time.sleep(0.01)
 

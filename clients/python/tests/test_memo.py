@@ -329,9 +329,32 @@ def test_no_host_the_function_runs_with_one_warning_and_reconnects(runtime, tmp_
     assert not any("Traceback" in l for l in child.err.all()), child.err.all()
 
 
-def test_discovery_finds_the_one_live_host(runtime, tmp_path):
-    host = Serve(runtime, runtime / "keepwarm" / "serve.sock")
+def test_a_new_host_instance_drops_the_front_tier(runtime):
+    sock = runtime / "host.sock"
+    env = dict(os.environ, XDG_RUNTIME_DIR=str(runtime), KEEPWARM_SOCKET=str(sock), KEEPWARM_RETRY_S="0")
+    first = Serve(runtime, sock)
+    child = Child(DRIVER, env)
+    child.send("3")
+    child.out.wait_for("result 9")
+    first.stop()
+    second = Serve(runtime, sock)
     try:
+        child.send("3")
+        child.out.wait_for("result 9", n=2)
+        assert child.out.count("Squaring 3") == 2, "the new host is empty: computed again"
+        child.send("3")
+        child.out.wait_for("result 9", n=3)
+        assert child.out.count("Squaring 3") == 2
+        assert second.stats("square")["entries"] == 1
+    finally:
+        second.stop()
+    assert child.finish() == 0, child.err.all()
+
+
+def test_discovery_finds_the_one_live_host(runtime, tmp_path):
+    host = Serve(runtime, None)  # its default socket: serve.sock in the runtime directory
+    try:
+        assert host.socket.exists()
         env = dict(os.environ, XDG_RUNTIME_DIR=str(runtime))
         env.pop("KEEPWARM_SOCKET", None)
         script = tmp_path / "seed.py"
