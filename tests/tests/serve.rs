@@ -11,10 +11,14 @@ use std::time::Duration;
 use keepwarm_tests::{eventually, HostProcess};
 use serde_json::{json, Value};
 
+/// Starts `keepwarm serve` and waits for its line: the socket answers as
+/// soon as it is bound, the epoch page is written just after.
 fn serve(extra: &[&str]) -> HostProcess {
     let mut args: Vec<std::ffi::OsString> = vec!["serve".into()];
     args.extend(extra.iter().map(Into::into));
-    HostProcess::spawn(&args, None, &[])
+    let host = HostProcess::spawn(&args, None, &[]);
+    host.wait_for("serving caches (no plugin)");
+    host
 }
 
 fn b64(bytes: &[u8]) -> String {
@@ -341,4 +345,65 @@ fn hostile_entry_requests_get_clear_errors_and_the_host_keeps_serving() {
     let got = ok(c.request(&json!({"cmd": "get", "cache": "c", "key": ""})));
     assert_eq!(got["found"], false);
     assert_eq!(host.stats()["c"]["inserts"], 0);
+}
+
+const PROMPT: &str = r#"
+binary, sock = sys.argv[1:3]
+pid, fd = pty.fork()
+if pid == 0:
+    os.execv(binary, [binary, "serve", "--socket", sock])
+read_until(b"keepwarm> ")
+os.write(fd, b"stats\r")
+read_until(b"(no caches yet)")
+os.write(fd, b"call square 10\r")
+read_until(b"no plugin loaded")
+os.write(fd, b"quit\r")
+_, status = os.waitpid(pid, 0)
+print("EXIT", os.waitstatus_to_exitcode(status))
+"#;
+
+#[test]
+fn serve_on_a_terminal_has_the_prompt_and_quit_leaves_nothing_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = tempfile::tempdir().unwrap(); // the prompt's history stays there
+    let out = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(keepwarm_tests::pty_python(PROMPT))
+        .arg(keepwarm_tests::keepwarm_bin())
+        .arg(dir.path().join("serve.sock"))
+        .env("XDG_RUNTIME_DIR", dir.path())
+        .env("XDG_STATE_HOME", state.path())
+        .env("TERM", "xterm")
+        .output()
+        .expect("python3");
+    let screen = String::from_utf8_lossy(&out.stdout);
+    assert!(screen.contains("EXIT 0"), "{screen}");
+    assert!(!dir.path().join("serve.sock").exists());
+    let left: Vec<_> = std::fs::read_dir(dir.path().join("keepwarm"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(left.is_empty(), "left {left:?}");
+}
+
+#[test]
+fn serve_with_persist_is_warm_after_a_restart() {
+    let store = tempfile::tempdir().unwrap();
+    let persist = store.path().to_str().unwrap().to_owned();
+    let mut first = serve(&["--persist", &persist]);
+    let mut c = first.connect();
+    let opened = ok(c.request(&json!({"cmd": "open", "cache": "square"})));
+    ok(c.request(&json!({
+        "cmd": "put", "cache": "square", "key": b64(b"10"), "value": b64(b"100"),
+        "stamp": opened["stamp"]
+    })));
+    drop(c);
+    assert_eq!(first.stop(libc::SIGTERM).code(), Some(0));
+    let second = serve(&["--persist", &persist]);
+    let mut c = second.connect();
+    let reopened = ok(c.request(&json!({"cmd": "open", "cache": "square"})));
+    assert_ne!(reopened["instance"], opened["instance"], "a new instance");
+    let got = ok(c.request(&json!({"cmd": "get", "cache": "square", "key": b64(b"10")})));
+    assert_eq!(unb64(&got["value"]), b"100");
 }
