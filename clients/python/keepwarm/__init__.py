@@ -16,7 +16,7 @@ else the one live host in the runtime directory. With no host, the function
 still runs, with an in-process cache and one warning.
 """
 
-from ._memo import CacheInfo, memo
+from ._memo import CacheInfo, Memoized, memo
 
-__all__ = ["memo", "CacheInfo"]
+__all__ = ["memo", "CacheInfo", "Memoized"]
 __version__ = "0.1.0"

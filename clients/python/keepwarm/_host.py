@@ -202,7 +202,7 @@ class Host:
         """This thread's connection (made on first use, again after a fork
         or a failure; while the host is down, at most once per
         :data:`RETRY_S`). Raises :class:`HostDown`."""
-        conn = getattr(self.local, "conn", None)
+        conn: Optional[Connection] = getattr(self.local, "conn", None)
         if conn is not None and conn.pid == os.getpid():
             return conn
         if (

@@ -10,8 +10,19 @@ import os
 import pickle
 import threading
 import warnings
-from collections import namedtuple
-from typing import Any, Callable, Dict, Hashable, Optional, Tuple, TypeVar, Union, overload
+from typing import (
+    Any,
+    Callable,
+    Dict,
+    Hashable,
+    NamedTuple,
+    Optional,
+    Protocol,
+    Tuple,
+    TypeVar,
+    Union,
+    overload,
+)
 
 from . import _host
 from ._host import HostDown, b64, unb64
@@ -24,10 +35,21 @@ VALUE_PROTOCOL = 5
 #: Entries kept in the front tier of a cache when ``maxsize`` is not given.
 FRONT_ENTRIES = 10_000
 
-CacheInfo = namedtuple("CacheInfo", ["hits", "misses", "maxsize", "currsize"])
-CacheInfo.__doc__ = """As ``functools.lru_cache``'s: the host's figures for the cache (after
-this process's own hits are counted there); ``maxsize`` is the entry bound
-in force on the host."""
+class CacheInfo(NamedTuple):
+    """As ``functools.lru_cache``'s: the host's figures for the cache (after
+    this process's own hits are counted there); ``maxsize`` is the entry
+    bound in force on the host. With no host, this process's own figures
+    (``maxsize`` as given to the decorator)."""
+
+    hits: int
+    misses: int
+    maxsize: Optional[int]
+    currsize: int
+
+
+class _Refused(Exception):
+    """The host answered a lookup with an error (a key too long for a
+    request line, say): the call is computed here and not kept."""
 
 _MISSING = object()
 
@@ -221,15 +243,32 @@ def _unpicklable(func: Callable[..., Any], args: Tuple[Any, ...], kwds: Dict[str
             "%s(): the arguments cannot be pickled (%s); keepwarm.memo keys results by "
             "the pickled arguments" % (func.__qualname__, error)
         )
-    name, value, e = culprit
+    name, value, why = culprit
     return TypeError(
         "%s(): argument %r (a %s) cannot be pickled (%s); keepwarm.memo keys results by "
         "the pickled arguments: pass values that pickle (numbers, strings, tuples, …), "
-        "or leave this function undecorated" % (func.__qualname__, name, type(value).__name__, e)
+        "or leave this function undecorated" % (func.__qualname__, name, type(value).__name__, why)
     )
 
 
-F = TypeVar("F", bound=Callable[..., Any])
+R = TypeVar("R")
+R_co = TypeVar("R_co", covariant=True)
+
+
+class Memoized(Protocol[R_co]):
+    """What ``@keepwarm.memo`` returns, for type checkers: the function,
+    with ``lru_cache``'s methods."""
+
+    @property
+    def __wrapped__(self) -> Callable[..., R_co]: ...  # pragma: no cover
+
+    def __call__(self, *args: Any, **kwargs: Any) -> R_co: ...  # pragma: no cover
+
+    def cache_info(self) -> CacheInfo: ...  # pragma: no cover
+
+    def cache_clear(self) -> None: ...  # pragma: no cover
+
+    def cache_parameters(self) -> Dict[str, Any]: ...  # pragma: no cover
 
 
 class _Memo:
@@ -251,6 +290,15 @@ class _Memo:
         trip), compute on a miss and put the value there."""
         c = self.cache
         func = self.func
+        if len(key) * 4 // 3 + len(c.name) * 6 + 200 > _host.MAX_REQUEST_BYTES:
+            warnings.warn(
+                "keepwarm: the arguments of this %s() call pickle to %d bytes, too many for a "
+                "request to the host (about 786,000 at most); computed, not kept"
+                % (func.__qualname__, len(key)),
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            return func(*args, **kwds)
         try:
             lookup = {
                 "cmd": "get_or_wait",
@@ -266,7 +314,7 @@ class _Memo:
             else:
                 (answer,) = _HOST.request(lookup)
             if not answer.get("ok"):
-                raise HostDown("the host refused a lookup: %s" % answer.get("error"))
+                raise _Refused((answer.get("error") or {}).get("message", "no reason given"))
             result = answer["result"]
             if result.get("instance") != c.instance:
                 # Another host answered on this path (restarted): start over.
@@ -275,6 +323,14 @@ class _Memo:
                     c.opened(opened["result"])
         except HostDown:
             return self.without_host(key, args, kwds)
+        except _Refused as e:
+            warnings.warn(
+                "keepwarm: the host refused the lookup of a %s() call (%s); computed, not kept"
+                % (func.__qualname__, e),
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            return func(*args, **kwds)
         stamp = result.get("stamp")
         if result.get("found"):
             try:
@@ -415,7 +471,7 @@ class _Memo:
 
 
 @overload
-def memo(func: F) -> F: ...
+def memo(func: Callable[..., R]) -> Memoized[R]: ...
 
 
 @overload
@@ -426,7 +482,7 @@ def memo(
     maxsize: Optional[int] = None,
     version: Hashable = 0,
     typed: bool = False,
-) -> Callable[[F], F]: ...
+) -> Callable[[Callable[..., R]], Memoized[R]]: ...
 
 
 def memo(
@@ -445,6 +501,7 @@ def memo(
     host when the script is run again. See the package's README.
     """
     if isinstance(func, int) and not isinstance(func, bool):
+        # @keepwarm.memo(128), as lru_cache(128).
         maxsize, func = func, None
     if maxsize is not None and maxsize < 1:
         raise ValueError("maxsize must be at least 1 (or None for the host's bound)")
@@ -456,4 +513,6 @@ def memo(
 
     if func is None:
         return decorate
+    if not callable(func):
+        raise TypeError("keepwarm.memo decorates a function, or takes maxsize; got %r" % (func,))
     return decorate(func)

@@ -400,3 +400,21 @@ def test_a_value_too_large_for_the_protocol_is_kept_locally(here):
     assert any("too large" in str(w.message) for w in caught)
     assert here.stats("huge")["entries"] == 0
     assert len(huge(2 << 20)) == 2 << 20
+
+
+def test_arguments_too_large_for_a_request_are_computed_and_not_kept(here):
+    calls = []
+
+    @keepwarm.memo(name="bigargs")
+    def size(data):
+        calls.append(1)
+        return len(data)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert size(b"y" * (1 << 20)) == 1 << 20
+        assert size(b"y" * (1 << 20)) == 1 << 20
+    assert len(calls) == 2
+    assert any("too many for a request" in str(w.message) for w in caught)
+    assert size(b"small") == 5 and size(b"small") == 5
+    assert len(calls) == 3, "the host still serves the function's other calls"
