@@ -407,3 +407,25 @@ fn serve_with_persist_is_warm_after_a_restart() {
     let got = ok(c.request(&json!({"cmd": "get", "cache": "square", "key": b64(b"10")})));
     assert_eq!(unb64(&got["value"]), b"100");
 }
+
+#[test]
+fn a_run_host_answers_entry_commands_without_a_page() {
+    let host = HostProcess::start(&keepwarm_tests::built_library("example-plugin"), &[]);
+    let mut c = host.connect();
+    let opened = ok(c.request(&json!({"cmd": "open", "cache": "square"})));
+    assert_eq!(
+        (opened["page"].clone(), opened["slot"].clone()),
+        (Value::Null, Value::Null)
+    );
+    let lookup = ok(c.request(&json!({"cmd": "get_or_wait", "cache": "square", "key": b64(b"x")})));
+    assert_eq!(lookup["lease"], true);
+    let put = ok(c.request(&json!({
+        "cmd": "put", "cache": "square", "key": b64(b"x"), "value": b64(b"y"), "stamp": lookup["stamp"]
+    })));
+    assert_eq!(put["stored"], true);
+    assert_eq!(
+        host.call("square", &["10"]),
+        json!(100),
+        "plugin calls still work"
+    );
+}

@@ -196,7 +196,9 @@ class Host:
 
     def after_fork(self) -> None:
         # The parent's connections are the parent's: never write to them.
+        # (And a lock another thread of the parent held stays held here.)
         self.local = threading.local()
+        self.lock = threading.Lock()
 
     def connection(self, retry_now: bool = False) -> Connection:
         """This thread's connection (made on first use, again after a fork
