@@ -1057,6 +1057,54 @@ fn done_waiting(me: ThreadId) {
     }
 }
 
+/// What the control socket's entry commands (`get`, `put`, `get_or_wait`,
+/// for clients such as the Python package) need of a cache beyond what
+/// plugins use: its reset epoch, a put that loses to a reset, and figures a
+/// client counted on its own.
+impl Cache {
+    /// The cache's reset epoch: advanced by every reset (see
+    /// [`Cache::put_in_epoch`]).
+    pub fn epoch(&self) -> u64 {
+        self.inner.lock().epoch
+    }
+
+    /// Stores `value` unless the cache was reset since `epoch` (read with
+    /// [`Cache::epoch`] before the value was looked up and computed): a
+    /// reset wins over a computation that started before it. Returns
+    /// whether it was stored.
+    pub fn put_in_epoch(&self, key: &[u8], value: &[u8], epoch: u64) -> Result<bool, PutError> {
+        if self.epoch() != epoch {
+            return Ok(false);
+        }
+        self.store(key, Arc::from(value), Some(epoch), 0, 0)?;
+        Ok(self.inner.lock().lru.contains(key))
+    }
+
+    /// The value stored under `key` in memory, without counting a hit or a
+    /// miss and without touching its recency.
+    pub fn peek(&self, key: &[u8]) -> Option<Arc<[u8]>> {
+        self.inner
+            .lock()
+            .lru
+            .peek(key)
+            .map(|s| Arc::clone(&s.value))
+    }
+
+    /// Counts `n` hits that a client served from its own copy of the
+    /// entries (it reports them so that `stats` tells the whole story).
+    pub fn count_hits(&self, n: u64) {
+        if n > 0 {
+            self.inner.lock().hits += n;
+        }
+    }
+
+    /// Turns the miss a lookup counted into a hit: the caller got the value
+    /// without computing it (another client computed it while it waited).
+    pub fn count_miss_as_hit(&self) {
+        self.miss_was_hit();
+    }
+}
+
 type CacheMap = HashMap<Box<[u8]>, Arc<Cache>, foldhash::fast::RandomState>;
 
 /// All the caches of one host, by name. Caches are created on first use and
@@ -1082,7 +1130,13 @@ pub struct Store {
     overrides: HashMap<String, Bounds>,
     /// The durable tier of every cache, with `--persist`.
     durable: Option<Arc<Durable>>,
+    /// Told of every reset made through the store, after the entries are
+    /// gone (the epoch page of `keepwarm serve`).
+    on_reset: OnceLock<ResetHook>,
 }
+
+/// A function told of each reset made through a [`Store`].
+pub type ResetHook = Arc<dyn Fn(&Cache) + Send + Sync>;
 
 impl Store {
     /// A store whose caches named in `overrides` get those bounds.
@@ -1092,7 +1146,24 @@ impl Store {
             recent: Mutex::new(CacheMap::default()),
             overrides,
             durable: None,
+            on_reset: OnceLock::new(),
         }
+    }
+
+    /// Tells `hook` of every reset made through this store from now on
+    /// ([`Store::reset`], [`Store::reset_all`], a code change in
+    /// [`Store::declare`]), after the entries are gone. Set once: false if a
+    /// hook was already set.
+    pub fn on_reset(&self, hook: ResetHook) -> bool {
+        self.on_reset.set(hook).is_ok()
+    }
+
+    fn reset_cache(&self, cache: &Cache) -> u64 {
+        let dropped = cache.reset();
+        if let Some(hook) = self.on_reset.get() {
+            hook(cache);
+        }
+        dropped
     }
 
     /// A store whose caches live in `durable` too: every cache the tier
@@ -1183,7 +1254,7 @@ impl Store {
             }
         }
         if cache.swap_code_hash(code_hash) {
-            cache.reset();
+            self.reset_cache(&cache);
             true
         } else {
             false
@@ -1192,12 +1263,12 @@ impl Store {
 
     /// Resets one cache; `None` when no cache has that name.
     pub fn reset(&self, name: &str) -> Option<u64> {
-        self.get(name).map(|c| c.reset())
+        self.get(name).map(|c| self.reset_cache(&c))
     }
 
     /// Resets every cache; returns the number of entries dropped.
     pub fn reset_all(&self) -> u64 {
-        self.all().iter().map(|c| c.reset()).sum()
+        self.all().iter().map(|c| self.reset_cache(c)).sum()
     }
 
     /// Brings back what a crashed worker's journal held: each cache with its

@@ -42,6 +42,14 @@ pub struct Config {
     pub journal: Option<Arc<crate::journal::Journal>>,
 }
 
+impl Default for Config {
+    /// A configuration with no library (for [`Host::without_plugin`]), no
+    /// overrides and no event sink.
+    fn default() -> Config {
+        Config::new(PathBuf::new())
+    }
+}
+
 impl Config {
     /// A configuration for `library` with no overrides and no event sink.
     pub fn new(library: impl Into<PathBuf>) -> Config {
@@ -493,6 +501,8 @@ pub struct Plugin {
 pub struct Host {
     shared: Arc<Shared>,
     plugins: RwLock<Vec<Arc<Plugin>>>,
+    /// The epoch page clients map (`keepwarm serve`), once attached.
+    epochs: std::sync::OnceLock<Arc<crate::epochs::EpochPage>>,
 }
 
 impl Plugin {
@@ -917,6 +927,24 @@ impl Host {
     /// A host for `config`, with nothing loaded yet (call [`Host::reload`]).
     /// Its first plugin is `config.library`; add more with [`Host::load`].
     pub fn new(config: Config) -> crate::error::Result<Arc<Host>> {
+        let library = config.library.clone();
+        let host = Host::without_plugin(config)?;
+        host.add(&library)?;
+        Ok(host)
+    }
+
+    /// A host of caches only (`keepwarm serve`): `config.library` is
+    /// ignored and no plugin is loaded (a `call` answers
+    /// [`CallError::NotLoaded`]); everything else works. Plugins may still
+    /// be added with [`Host::add`] or [`Host::load`].
+    ///
+    /// ```
+    /// let host = keepwarm::Host::without_plugin(keepwarm::Config::default()).unwrap();
+    /// host.store().cache("square").put(b"10", b"100").unwrap();
+    /// assert_eq!(host.reset("square"), Some(1));
+    /// assert!(host.call_json("square", &[]).is_err());
+    /// ```
+    pub fn without_plugin(config: Config) -> crate::error::Result<Arc<Host>> {
         // A private directory (mode 0700, removed on shutdown) for shadow
         // copies; those of hosts that died are swept first.
         let runtime = crate::paths::runtime_dir()?;
@@ -945,12 +973,11 @@ impl Host {
             supervised: config.supervised,
             bad_builds: RwLock::new(bad_builds),
         });
-        let host = Arc::new(Host {
+        Ok(Arc::new(Host {
             shared,
             plugins: RwLock::new(Vec::new()),
-        });
-        host.add(&config.library)?;
-        Ok(host)
+            epochs: std::sync::OnceLock::new(),
+        }))
     }
 
     /// Adds the plugin library at `library` to the host and loads it as the
@@ -991,24 +1018,49 @@ impl Host {
         self.plugins.read().clone()
     }
 
-    /// The first plugin (the one [`Config::library`] names).
+    /// The first plugin (the one [`Config::library`] names). Panics on a
+    /// host without plugins ([`Host::without_plugin`]).
     pub fn first(&self) -> Arc<Plugin> {
         Arc::clone(&self.plugins.read()[0])
     }
 
-    /// The first plugin's library path (absolute).
+    /// The first plugin's library path (absolute; empty without plugins).
     pub fn library(&self) -> PathBuf {
-        self.first().library.clone()
+        self.plugins
+            .read()
+            .first()
+            .map(|p| p.library.clone())
+            .unwrap_or_default()
     }
 
     /// The first plugin's live generation, if any.
     pub fn current(&self) -> Option<Arc<Generation>> {
-        self.first().current()
+        self.plugins.read().first().and_then(|p| p.current())
     }
 
-    /// The first plugin's live generation number (0 before its first load).
+    /// The first plugin's live generation number (0 before its first load,
+    /// and without plugins).
     pub fn generation_number(&self) -> u64 {
-        self.first().generation_number()
+        self.current().map_or(0, |g| g.number)
+    }
+
+    /// Attaches the epoch page clients map (`keepwarm serve`): from now on
+    /// every reset through the store writes the cache's new stamp there.
+    /// False if a page was already attached.
+    pub fn attach_epoch_page(&self, page: Arc<crate::epochs::EpochPage>) -> bool {
+        if self.epochs.set(Arc::clone(&page)).is_err() {
+            return false;
+        }
+        self.shared
+            .store
+            .on_reset(Arc::new(move |cache: &crate::cache::Cache| {
+                page.bump(cache)
+            }))
+    }
+
+    /// The epoch page, when one is attached.
+    pub fn epoch_page(&self) -> Option<&Arc<crate::epochs::EpochPage>> {
+        self.epochs.get()
     }
 
     /// How many loads of any plugin have succeeded: it changes whenever a
@@ -1072,6 +1124,9 @@ impl Host {
             durable.tier.close();
         }
         self.shared.shadow_dir.remove();
+        if let Some(page) = self.epochs.get() {
+            page.close();
+        }
         drained
     }
 
@@ -1244,7 +1299,17 @@ impl Host {
     /// plugin), and every plugin's under `plugins`.
     pub fn status(&self) -> Status {
         let plugins: Vec<PluginStatus> = self.plugins().iter().map(|p| p.status()).collect();
-        let first = plugins[0].clone();
+        let first = plugins.first().cloned().unwrap_or_else(|| PluginStatus {
+            library: String::new(),
+            plugin: None,
+            generation: 0,
+            functions: Vec::new(),
+            last_error: None,
+            waiting: None,
+            failed_reloads: 0,
+            load_ms: None,
+            loaded_at: None,
+        });
         let signatures = self.signatures();
         let sup = self.shared.supervised.as_ref();
         Status {

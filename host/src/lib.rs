@@ -23,6 +23,7 @@
 //! | [`watcher`] | file events to reloads |
 //! | [`control`] | the control socket, its protocol and one handler per command |
 //! | [`paths`] | the runtime directory, shadow directories, default socket |
+//! | [`epochs`] | the epoch page `keepwarm serve`'s clients map to check their copies |
 //! | [`threads`] | the host's threads, told apart from those a plugin starts |
 //! | [`journal`] | the crash journal: cache changes in memory that outlives a crashed worker |
 //! | [`supervision`] | what `keepwarm run`'s supervisor learns from a worker that crashed |
@@ -61,6 +62,7 @@
 mod boundary;
 pub mod cache;
 pub mod control;
+pub mod epochs;
 pub mod error;
 pub mod events;
 pub mod generation;

@@ -175,6 +175,11 @@ pub fn default_socket(library: &Path) -> Result<PathBuf> {
     Ok(runtime_dir()?.join(format!("{stem}-{hash:08x}.sock")))
 }
 
+/// The default control socket of `keepwarm serve`: `RUNTIME_DIR/serve.sock`.
+pub fn serve_socket() -> Result<PathBuf> {
+    Ok(runtime_dir()?.join("serve.sock"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -57,6 +57,11 @@ pub enum Command {
         after_help = "Example (in the plugin crate's directory, or a workspace with -p):\n  keepwarm dev -p example-plugin"
     )]
     Dev(DevArgs),
+    /// Serve caches with no plugin, for clients such as the Python package (`call` answers "no plugin loaded")
+    #[command(
+        after_help = "Example:\n  keepwarm serve &          # socket: serve.sock in the runtime directory\n  keepwarm serve --persist ~/.cache/keepwarm --cache square=1000"
+    )]
+    Serve(ServeArgs),
     /// Commands for a running host.
     #[command(flatten)]
     Control(ControlCommand),
@@ -89,6 +94,20 @@ pub struct DevArgs {
         conflicts_with = "build_only"
     )]
     pub persist: Option<PathBuf>,
+}
+
+/// Arguments of `keepwarm serve`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Bound a cache, as for `run`
+    #[arg(long = "cache", value_name = "NAME=ENTRIES[:BYTES]", value_parser = parse_cache_bound)]
+    pub caches: Vec<(String, Bounds)>,
+    /// Keep the caches in an embedded store in DIR (as `run --persist`)
+    #[arg(long, value_name = "DIR", env = "KEEPWARM_PERSIST")]
+    pub persist: Option<PathBuf>,
+    /// Bound the store of --persist to BYTES (as for `run`)
+    #[arg(long, value_name = "BYTES", requires = "persist", value_parser = parse_bytes)]
+    pub persist_max_bytes: Option<u64>,
 }
 
 /// Arguments of `keepwarm run`.
@@ -418,7 +437,11 @@ pub fn status_text(s: &Status) -> String {
         });
     };
     let mut lines = Vec::new();
-    plugin(&mut lines, &s.library, &s.plugin, s.generation, s.load_ms);
+    if s.plugins.is_empty() {
+        lines.push("library:        none (keepwarm serve: caches only)".to_owned());
+    } else {
+        plugin(&mut lines, &s.library, &s.plugin, s.generation, s.load_ms);
+    }
     for p in s.plugins.iter().skip(1) {
         plugin(&mut lines, &p.library, &p.plugin, p.generation, p.load_ms);
         if let Some(w) = &p.waiting {
@@ -502,5 +525,9 @@ mod tests {
         assert!(Cli::try_parse_from(["keepwarm", "reset"]).is_err());
         assert!(Cli::try_parse_from(["keepwarm", "reset", "--all"]).is_ok());
         assert!(Cli::try_parse_from(["keepwarm", "reset", "x", "--all"]).is_err());
+        let cli = Cli::try_parse_from(["keepwarm", "serve", "--cache", "square=10"]).unwrap();
+        assert!(
+            matches!(cli.command, Command::Serve(ServeArgs { ref caches, .. }) if caches.len() == 1)
+        );
     }
 }

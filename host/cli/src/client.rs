@@ -48,7 +48,7 @@ pub fn discover() -> Result<PathBuf, ClientError> {
     live.sort();
     match live.len() {
         0 => Err(ClientError::NoHost(format!(
-            "no keepwarm host is running (no live socket in {}); start one with `keepwarm run LIB`, or pass --socket PATH",
+            "no keepwarm host is running (no live socket in {}); start one with `keepwarm run LIB` (or `keepwarm serve` for caches only), or pass --socket PATH",
             dir.display()
         ))),
         1 => Ok(live.remove(0)),

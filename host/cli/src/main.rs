@@ -8,6 +8,7 @@
 //! keepwarm run target/debug/libexample_plugin.so
 //! ```
 
+mod cache_host;
 mod cli;
 mod client;
 mod dev;
@@ -34,6 +35,7 @@ fn main() {
     let status = match cli.command {
         Command::Run(args) => exit_status(run(args, cli.socket)),
         Command::Dev(args) => exit_status(dev(args, cli.socket)),
+        Command::Serve(args) => exit_status(crate::cache_host::serve(args, cli.socket)),
         Command::Control(command) => control(&command, cli.socket, cli.timeout),
     };
     std::process::exit(status);

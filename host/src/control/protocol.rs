@@ -52,6 +52,15 @@ pub enum Request {
         /// Protocol version.
         v: Option<u32>,
     },
+    /// An entry command on raw byte keys and values (`open`, `get`,
+    /// `get_or_wait`, `put`, `release`, `cache_info`; see
+    /// [`super::entries`]).
+    Entry {
+        /// Protocol version.
+        v: Option<u32>,
+        /// The command.
+        op: super::entries::EntryOp,
+    },
 }
 
 /// The commands, as `cmd` names them.
@@ -89,6 +98,10 @@ impl Request {
             }
             Request::Status { v } => ("status", v, json!({})),
             Request::Reload { v } => ("reload", v, json!({})),
+            Request::Entry { v, op } => {
+                let (cmd, body) = op.to_json();
+                (cmd, v, body)
+            }
         };
         body["cmd"] = json!(cmd);
         if let Some(v) = v {
@@ -110,8 +123,15 @@ impl Request {
             "reset" => &["cmd", "v", "cache", "all"],
             "stats" => &["cmd", "v", "cache"],
             "status" | "reload" => &["cmd", "v"],
+            other if super::entries::fields(other).is_some() => {
+                super::entries::fields(other).unwrap_or_default()
+            }
             other => {
-                let known: Vec<String> = COMMANDS.iter().map(|c| format!("`{c}`")).collect();
+                let known: Vec<String> = COMMANDS
+                    .iter()
+                    .chain(super::entries::COMMANDS.iter())
+                    .map(|c| format!("`{c}`"))
+                    .collect();
                 return Err(format!(
                     "unknown variant `{other}`, expected one of {}",
                     known.join(", ")
@@ -140,7 +160,11 @@ impl Request {
                 cache: o.opt_str("cache")?,
             },
             "status" => Request::Status { v },
-            _ => Request::Reload { v },
+            "reload" => Request::Reload { v },
+            entry => Request::Entry {
+                v,
+                op: super::entries::EntryOp::from_object(entry, &o)?,
+            },
         })
     }
 
@@ -151,7 +175,8 @@ impl Request {
             | Request::Reset { v, .. }
             | Request::Stats { v, .. }
             | Request::Status { v }
-            | Request::Reload { v } => *v,
+            | Request::Reload { v }
+            | Request::Entry { v, .. } => *v,
         }
     }
 }

@@ -240,6 +240,7 @@ fn accept_loop(listener: &UnixListener, host: &Arc<Host>, stopping: &AtomicBool,
             reader: BufReader::new(stream),
             writer,
             pending: None,
+            session: super::leases::Session::new(),
             _slot: slot,
         };
         spawn_connection(Arc::clone(host), connection);
@@ -252,6 +253,8 @@ struct Connection {
     writer: UnixStream,
     /// A request line read by the previous thread and not yet answered.
     pending: Option<Vec<u8>>,
+    /// The connection's leases (`get_or_wait`), ended when it closes.
+    session: super::leases::Session,
     _slot: Slot,
 }
 
@@ -347,7 +350,7 @@ fn serve(host: &Host, mut c: Connection) -> Option<Connection> {
             called = Some(live);
         }
         let response = match request {
-            Ok(request) => super::handle(host, request),
+            Ok(request) => super::handle_in(host, request, &c.session),
             Err(response) => response,
         };
         if write_response(&mut c.writer, &response).is_err() {

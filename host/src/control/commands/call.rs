@@ -8,6 +8,12 @@ use crate::host::Host;
 
 /// Calls `function` with `args`; a plugin's error or panic is the response's error.
 pub(super) fn run(host: &Host, function: &str, args: &[serde_json::Value]) -> Response {
+    if host.plugins().is_empty() {
+        return Response::err(
+            ErrorCode::NotLoaded,
+            format!("no plugin loaded: this host (keepwarm serve) holds caches only, so `{function}` cannot be called; start `keepwarm run LIB` to call plugin functions"),
+        );
+    }
     // A call sees the build that was on disk when it was made.
     let warning = host.catch_up(CATCH_UP);
     match host.call_json(function, args) {

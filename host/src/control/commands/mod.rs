@@ -3,6 +3,7 @@
 //! same wherever it is typed.
 
 mod call;
+mod entries;
 mod reload;
 mod reset;
 mod stats;
@@ -11,8 +12,14 @@ mod status;
 use super::protocol::{ErrorCode, Request, Response};
 use crate::host::Host;
 
-/// Carries out one request against `host`.
+/// Carries out one request against `host` (a lease an entry command takes
+/// ends with the request: use [`handle_in`] to keep it for a connection).
 pub fn handle(host: &Host, request: Request) -> Response {
+    handle_in(host, request, &super::leases::Session::new())
+}
+
+/// Carries out one request of the connection whose leases `session` holds.
+pub fn handle_in(host: &Host, request: Request, session: &super::leases::Session) -> Response {
     match request {
         Request::Call {
             function,
@@ -24,6 +31,7 @@ pub fn handle(host: &Host, request: Request) -> Response {
         Request::Stats { cache, .. } => stats::run(host, cache.as_deref()),
         Request::Status { .. } => status::run(host),
         Request::Reload { .. } => reload::run(host),
+        Request::Entry { op, .. } => entries::run(host, op, session),
     }
 }
 
