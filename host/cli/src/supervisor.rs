@@ -674,6 +674,15 @@ pub fn supervise(args: &RunArgs, socket: Option<PathBuf>) -> anyhow::Result<()> 
     // The crash being recovered from: what to say once the new worker serves.
     let mut recovering: Option<(Verdict, Instant)> = None;
     let mut prompt_started = false;
+    {
+        // Said at once, not when the worker serves: a client may be
+        // answered before the supervisor hears that the worker is ready.
+        use std::io::IsTerminal;
+        if !args.no_repl && std::io::stdin().is_terminal() && !crate::serve::owns_terminal() {
+            crate::output::say(BACKGROUND);
+            prompt_started = true;
+        }
+    }
     let reason = loop {
         let Ok(event) = rx.recv() else {
             break Exit::Quit;
@@ -768,6 +777,9 @@ fn say_restarted(verdict: &Verdict, took: Duration, black_box: &BlackBox) {
     crate::output::say(&line);
 }
 
+/// What a host started in the background says instead of a prompt.
+const BACKGROUND: &str = "keepwarm: running in the background, so no prompt (as with --no-repl); use `keepwarm call …` from any terminal; stop it with `kill %1`";
+
 fn start_prompt(
     args: &RunArgs,
     socket: &Path,
@@ -779,9 +791,7 @@ fn start_prompt(
         return Ok(());
     }
     if !crate::serve::owns_terminal() {
-        crate::output::say(
-            "keepwarm: running in the background, so no prompt (as with --no-repl); use `keepwarm call …` from any terminal; stop it with `kill %1`",
-        );
+        crate::output::say(BACKGROUND);
         return Ok(());
     }
     let backend: Arc<dyn crate::repl::Backend> = Arc::new(Remote {
