@@ -72,6 +72,10 @@ def discover() -> str:
         names = sorted(n for n in os.listdir(directory) if n.endswith(".sock"))
     except OSError:
         names = []
+    if len(names) == 1:
+        # One candidate: the connection itself tells whether it answers (a
+        # probe first would cost a connection and a host thread).
+        return os.path.join(directory, names[0])
     live = [os.path.join(directory, n) for n in names if _answers(os.path.join(directory, n))]
     if len(live) == 1:
         return live[0]
