@@ -183,6 +183,13 @@ fn a_build_that_crashes_in_on_load_is_refused_until_the_file_changes() {
     let status = host.status();
     assert_eq!(status["generation"], 1);
     assert_eq!(status["bad_builds"][0]["generation"], 2);
+    let human = host.cli(&["status"]).stdout;
+    assert!(
+        human.contains("restarts:       1 (last: SIGSEGV in on_load (generation 2)")
+            && human.contains("bad build:")
+            && human.contains("(generation 2: SIGSEGV in on_load) is not loaded again"),
+        "{human}"
+    );
     assert_eq!(status["last_crash"]["in_load"], true);
     assert_all_still_cached(&host, "after a crash in on_load");
     // A touch is not a change: the bad build is not tried again.

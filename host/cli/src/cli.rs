@@ -458,7 +458,29 @@ pub fn status_text(s: &Status) -> String {
         "last error:     {}",
         s.last_error.as_deref().unwrap_or("-")
     ));
-    lines.push(format!("pid:            {}", s.pid));
+    if s.worker_pid != s.pid {
+        lines.push(format!(
+            "pid:            {} (supervisor; plugin code runs in worker {})",
+            s.pid, s.worker_pid
+        ));
+    } else {
+        lines.push(format!("pid:            {}", s.pid));
+    }
+    if let Some(crash) = &s.last_crash {
+        let ago = keepwarm::persist::now_ms() as f64 / 1000.0 - crash.time;
+        lines.push(format!(
+            "restarts:       {} (last: {}, {} ago)",
+            s.restarts,
+            crash.what(),
+            human_duration((ago.max(0.0) * 1e9) as u64)
+        ));
+    }
+    for bad in &s.bad_builds {
+        lines.push(format!(
+            "bad build:      {:08x} (generation {}: {}) is not loaded again until the file changes",
+            bad.hash, bad.generation, bad.why
+        ));
+    }
     lines.join("\n")
 }
 
