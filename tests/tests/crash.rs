@@ -389,3 +389,39 @@ fn a_then_function_that_crashes_is_not_run_again_by_the_restart() {
     assert_eq!(host.status()["restarts"], 1, "one crash, no loop");
     assert_eq!(host.count("keepwarm: plugin crashed:"), 1);
 }
+
+/// A build that crashes on its own later than its probation is restarted
+/// on, twice; its third such crash within 30 s makes it bad, and the last
+/// good build serves: no restart loop however late the crash comes.
+#[test]
+fn a_build_that_keeps_crashing_on_its_own_is_marked_bad_at_the_third_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    let (host, lib) = host_on_copy(dir.path());
+    assert_eq!(host.call("fill", &[&FILLED.to_string()]), FILLED);
+    replace_atomically(&variant(dir.path(), "late-segv"), &lib);
+    host.wait_for("generation 2 reloaded");
+    for n in 1..=2 {
+        let line = host.wait_for_nth("keepwarm: plugin crashed:", n);
+        assert!(
+            line.contains("SIGSEGV with no call running (generation 2)")
+                && line.contains("restarted on generation 2")
+                && !line.contains("not loaded again"),
+            "crash {n}: {line}"
+        );
+    }
+    let line = host.wait_for_nth("keepwarm: plugin crashed:", 3);
+    assert!(
+        line.contains("is not loaded again until the file changes")
+            && line.contains("restarted on generation 1"),
+        "{line}"
+    );
+    assert_eq!(host.call("version", &[]), "normal");
+    let status = host.status();
+    assert!(
+        status["bad_builds"][0]["why"]
+            .as_str()
+            .is_some_and(|w| w.contains("3 times in 30 s")),
+        "{status}"
+    );
+    assert_all_still_cached(&host, "after three crashes");
+}
