@@ -425,3 +425,25 @@ fn a_build_that_keeps_crashing_on_its_own_is_marked_bad_at_the_third_crash() {
     );
     assert_all_still_cached(&host, "after three crashes");
 }
+
+/// With `--persist DIR` the store, not the journal, keeps the entries: a
+/// crash in a call costs that call, and every entry is still a hit (read
+/// back from the store by the new worker).
+#[test]
+fn with_persist_a_crash_keeps_every_entry_in_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let lib = dir.path().join("libplugin.so");
+    std::fs::copy(variant(dir.path(), "normal"), &lib).unwrap();
+    let host = HostProcess::start(&lib, &["--persist", store.to_str().unwrap()]);
+    host.wait_for("generation 1 loaded");
+    assert_eq!(host.call("fill", &[&FILLED.to_string()]), FILLED);
+    let out = host.cli(&["call", "abort"]);
+    assert_eq!(out.status, Some(1), "{out:?}");
+    assert!(
+        out.stderr.contains("plugin crashed: SIGABRT in abort()"),
+        "{out:?}"
+    );
+    assert_all_still_cached(&host, "with --persist");
+    assert_eq!(host.stats()["sq"]["persisted_entries"], FILLED);
+}
