@@ -322,6 +322,9 @@ impl Drop for SqliteTier {
     }
 }
 
+/// How long opening DIR waits for another host to let go of it.
+pub const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Takes the advisory lock on `dir`, writing this process's PID in it.
 fn lock_dir(dir: &Path) -> Result<File, OpenError> {
     let path = dir.join(LOCK_NAME);
@@ -333,8 +336,20 @@ fn lock_dir(dir: &Path) -> Result<File, OpenError> {
         .open(&path)
         .map_err(|e| io("cannot open", &path, e))?;
     use std::os::fd::AsRawFd;
-    // SAFETY: flock on a descriptor this function owns; no memory involved.
-    let locked = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0;
+    // A host that is shutting down (the worker of a supervisor that was
+    // killed stops cleanly a moment later) lets go of DIR within moments:
+    // wait for it a little before refusing.
+    let deadline = std::time::Instant::now() + LOCK_WAIT;
+    let locked = loop {
+        // SAFETY: flock on a descriptor this function owns; no memory involved.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            break true;
+        }
+        if std::time::Instant::now() >= deadline {
+            break false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
     if !locked {
         let mut text = String::new();
         let _ = file.read_to_string(&mut text);

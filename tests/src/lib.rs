@@ -502,11 +502,27 @@ impl HostProcess {
         out.json()
     }
 
-    /// Sends `signal` to the host and waits for it to exit.
+    /// Sends `signal` to the host and waits for it to exit. SIGKILL kills
+    /// its worker too, at once: the whole host dies, as in a crash (the
+    /// supervisor killed alone would have its worker stop cleanly, a moment
+    /// later).
     pub fn stop(&mut self, signal: i32) -> std::process::ExitStatus {
+        let workers = if signal == libc::SIGKILL {
+            children_of(self.child.id())
+        } else {
+            Vec::new()
+        };
+        for w in &workers {
+            // SAFETY: kill(2) on a child of our child; no memory involved.
+            unsafe { libc::kill(*w as i32, libc::SIGKILL) };
+        }
         // SAFETY: kill(2) on the child's pid; no memory involved.
         unsafe { libc::kill(self.child.id() as i32, signal) };
-        self.child.wait().expect("waiting for the host")
+        let status = self.child.wait().expect("waiting for the host");
+        for w in workers {
+            wait_until_dead(w);
+        }
+        status
     }
 
     /// A connection to the control socket, for many requests in a row.
@@ -550,23 +566,28 @@ impl Drop for HostProcess {
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let deadline = Instant::now() + Duration::from_secs(10);
         for w in workers {
-            // Reparented to init: gone, or a zombie (dead) until reaped.
-            let alive = || {
-                std::fs::read_to_string(format!("/proc/{w}/stat")).is_ok_and(|stat| {
-                    !stat
-                        .rsplit(')')
-                        .next()
-                        .unwrap_or("")
-                        .trim_start()
-                        .starts_with('Z')
-                })
-            };
-            while alive() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(5));
-            }
+            wait_until_dead(w);
         }
+    }
+}
+
+/// Waits (10 s at most) until process `pid` is gone or a zombie (dead,
+/// reparented to init until it is reaped).
+pub fn wait_until_dead(pid: u32) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let alive = || {
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+            !stat
+                .rsplit(')')
+                .next()
+                .unwrap_or("")
+                .trim_start()
+                .starts_with('Z')
+        })
+    };
+    while alive() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
     }
 }
 
