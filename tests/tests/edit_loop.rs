@@ -40,10 +40,28 @@ fn dev_rebuilds_on_edit_and_survives_a_compile_error() {
     assert_eq!(host.call("square", &["10"]), 100);
     assert_eq!(host.call("version", &[]), "v1");
 
-    // Save an edit: dev rebuilds, the host reloads, the cache stays.
-    plugin.edit(|src| src.replace(r#""v1""#, r#""v2""#));
+    // Save an edit: dev rebuilds, the host reloads, the cache stays. The
+    // edit adds a function that segfaults.
+    plugin.edit(|src| {
+        src.replace(r#""v1""#, r#""v2""#)
+            + "\n#[export]\npub fn segv() -> u64 {\n    // SAFETY: none: address 16 is never mapped, the store faults.\n    unsafe { std::ptr::write_volatile(16 as *mut u64, 1) };\n    0\n}\n"
+    });
     host.wait_for("generation 2 reloaded");
     assert_eq!(host.call("version", &[]), "v2");
+
+    // `keepwarm dev` contains crashes as `run` does: the call fails, the
+    // host restarts on the same build, the entry is still there.
+    let dev = host.pid();
+    let out = host.cli(&["call", "segv"]);
+    assert_eq!(out.status, Some(1), "{out:?}");
+    assert!(
+        out.stderr
+            .contains("plugin crashed: SIGSEGV in segv() (generation 2)"),
+        "{out:?}"
+    );
+    host.wait_for("restarted on generation 2 in ");
+    assert_eq!(host.status()["pid"], dev, "the same dev process");
+    assert_eq!(host.call("square", &["10"]), 100);
 
     // A compile error: shown, and generation 2 keeps serving.
     plugin.edit(|src| {

@@ -13,13 +13,10 @@ use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use notify::{RecursiveMode, Watcher as _};
-
-use crate::host::Host;
 
 /// Quiet time after the last source change before a build starts: an
 /// editor's save is often several writes.
@@ -182,12 +179,17 @@ pub fn build(spec: &BuildSpec, print: &(dyn Fn(&str) + Sync)) -> anyhow::Result<
     })
 }
 
+/// Tells which generation serves now (asked of the host when a build
+/// fails, to say that it keeps serving).
+pub type Serving = Box<dyn Fn() -> Option<u64> + Send>;
+
 /// Watches `built.package_dir` (minus `target/` and hidden directories) and
-/// rebuilds on changes, on a background thread, printing through `host`.
+/// rebuilds on changes, on a background thread; a failed build is said with
+/// the generation that keeps serving (`serving`).
 pub fn watch_and_rebuild(
     spec: BuildSpec,
     built: &Built,
-    host: Option<Arc<Host>>,
+    serving: Option<Serving>,
 ) -> anyhow::Result<notify::RecommendedWatcher> {
     let dir = built.package_dir.clone();
     let (tx, rx) = mpsc::channel::<()>();
@@ -233,14 +235,11 @@ pub fn watch_and_rebuild(
                             "keepwarm dev: built in {:.1} s",
                             started.elapsed().as_secs_f64()
                         )),
-                        Err(e) => match &host {
-                            Some(host) => {
-                                let serving = host.current().map_or(0, |g| g.number);
-                                crate::output::say(&format!(
-                                    "keepwarm dev: {e:#}; generation {serving} keeps serving"
-                                ));
-                            }
-                            None => crate::output::say(&format!(
+                        Err(e) => match serving.as_ref().and_then(|s| s()) {
+                            Some(generation) if generation > 0 => crate::output::say(&format!(
+                                "keepwarm dev: {e:#}; generation {generation} keeps serving"
+                            )),
+                            _ => crate::output::say(&format!(
                                 "keepwarm dev: {e:#}; the last good build stays in place"
                             )),
                         },

@@ -125,7 +125,8 @@ fn run(args: RunArgs, socket: Option<std::path::PathBuf>) -> anyhow::Result<()> 
     // The process the user started supervises; the plugins run in a
     // worker, this same program started again (see supervisor.rs).
     let Some(worker) = crate::supervisor::worker_from_env()? else {
-        return crate::supervisor::supervise(&args, socket);
+        let worker_args = std::env::args_os().skip(1).collect();
+        return crate::supervisor::supervise(&args, socket, worker_args);
     };
     let mut libraries = args.libraries.into_iter();
     let first = libraries.next().expect("clap requires one LIB");
@@ -189,28 +190,55 @@ fn dev(args: DevArgs, socket: Option<std::path::PathBuf>) -> anyhow::Result<()> 
             std::thread::park();
         }
     }
-    let mut config = Config::new(&built.library);
-    config.cache_bounds = args.caches.into_iter().collect();
-    config.persist = args.persist;
-    config.events = Some(crate::output::event_sink());
-    Serve {
-        config,
-        more: Vec::new(),
-        socket,
+    // The host runs as `keepwarm run` does: a supervisor (this process,
+    // which also rebuilds) and a worker that runs the plugin, started as
+    // `keepwarm run LIBRARY` with the same caches and store.
+    let run_args = RunArgs {
+        libraries: vec![built.library.clone()],
         no_repl: args.no_repl,
-        worker: None,
+        caches: args.caches,
+        then: None,
+        persist: args.persist,
+        persist_max_bytes: None,
+    };
+    let mut worker_args: Vec<std::ffi::OsString> = vec!["run".into(), built.library.clone().into()];
+    for (name, bounds) in &run_args.caches {
+        let bytes = bounds
+            .max_bytes
+            .map(|b| format!(":{b}"))
+            .unwrap_or_default();
+        worker_args.push("--cache".into());
+        worker_args.push(format!("{name}={}{bytes}", bounds.max_entries).into());
     }
-    .run(|host| {
-        let watcher =
-            crate::dev::watch_and_rebuild(spec, &built, Some(std::sync::Arc::clone(host)))?;
-        crate::output::say(&format!(
-            "keepwarm dev: watching {} for changes",
-            built.package_dir.display()
-        ));
-        // The watch lives as long as the process.
-        std::mem::forget(watcher);
-        Ok(())
-    })
+    if let Some(dir) = &run_args.persist {
+        worker_args.push("--persist".into());
+        worker_args.push(dir.clone().into());
+    }
+    let socket = match socket {
+        Some(s) => s,
+        None => crate::paths::default_socket(&built.library)?,
+    };
+    let asked = socket.clone();
+    let serving = move || {
+        let status = crate::client::request_within(
+            &asked,
+            &Request::Status { v: Some(1) },
+            Some(std::time::Duration::from_secs(1)),
+        )
+        .ok()?
+        .result?;
+        keepwarm::Status::from_json(&status)
+            .ok()
+            .map(|s| s.generation)
+    };
+    let watcher = crate::dev::watch_and_rebuild(spec, &built, Some(Box::new(serving)))?;
+    crate::output::say(&format!(
+        "keepwarm dev: watching {} for changes",
+        built.package_dir.display()
+    ));
+    let result = crate::supervisor::supervise(&run_args, Some(socket), worker_args);
+    drop(watcher);
+    result
 }
 
 /// What is wrong with a library path that does not name a file, when a

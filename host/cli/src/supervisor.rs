@@ -513,6 +513,8 @@ struct Launch<'a> {
     builds: &'a Path,
     events: &'a mpsc::Sender<Ev>,
     relays: &'a Arc<Mutex<Vec<Arc<Relay>>>>,
+    /// The worker's arguments (after the program name): a `run` command.
+    worker_args: &'a [std::ffi::OsString],
 }
 
 impl Launch<'_> {
@@ -552,7 +554,7 @@ impl Launch<'_> {
         let parent = std::process::id() as libc::pid_t;
         let mut command = Command::new("/proc/self/exe");
         command
-            .args(std::env::args_os().skip(1))
+            .args(self.worker_args)
             .arg0(
                 std::env::args_os()
                     .next()
@@ -613,8 +615,15 @@ impl Launch<'_> {
     }
 }
 
-/// Runs `keepwarm run` as a supervisor until the user leaves.
-pub fn supervise(args: &RunArgs, socket: Option<PathBuf>) -> anyhow::Result<()> {
+/// Runs `keepwarm run` as a supervisor until the user leaves. Each worker
+/// is this program started with `worker_args` (a `run` command line: for
+/// `keepwarm run`, its own arguments; for `keepwarm dev`, `run` on the built
+/// library) and [`WORKER_ENV`].
+pub fn supervise(
+    args: &RunArgs,
+    socket: Option<PathBuf>,
+    worker_args: Vec<std::ffi::OsString>,
+) -> anyhow::Result<()> {
     crate::threads::register_current();
     let library = args.libraries[0].clone();
     let socket = match socket {
@@ -659,6 +668,7 @@ pub fn supervise(args: &RunArgs, socket: Option<PathBuf>) -> anyhow::Result<()> 
         builds: builds.path(),
         events: &events,
         relays: &relays,
+        worker_args: &worker_args,
     };
     let mut history = History {
         restarts: 0,
