@@ -508,14 +508,10 @@ impl HostProcess {
     /// later).
     pub fn stop(&mut self, signal: i32) -> std::process::ExitStatus {
         let workers = if signal == libc::SIGKILL {
-            children_of(self.child.id())
+            self.stop_and_kill_workers()
         } else {
             Vec::new()
         };
-        for w in &workers {
-            // SAFETY: kill(2) on a child of our child; no memory involved.
-            unsafe { libc::kill(*w as i32, libc::SIGKILL) };
-        }
         // SAFETY: kill(2) on the child's pid; no memory involved.
         unsafe { libc::kill(self.child.id() as i32, signal) };
         let status = self.child.wait().expect("waiting for the host");
@@ -523,6 +519,23 @@ impl HostProcess {
             wait_until_dead(w);
         }
         status
+    }
+
+    /// Stops the supervisor (SIGSTOP: it cannot start another worker) and
+    /// kills its workers; returns them. The caller kills the supervisor.
+    fn stop_and_kill_workers(&mut self) -> Vec<u32> {
+        // Only a child still running (a reaped one's pid may be reused).
+        if !matches!(self.child.try_wait(), Ok(None)) {
+            return Vec::new();
+        }
+        // SAFETY: kill(2) on our own child; no memory involved.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGSTOP) };
+        let workers = children_of(self.child.id());
+        for w in &workers {
+            // SAFETY: kill(2) on a child of our child; no memory involved.
+            unsafe { libc::kill(*w as i32, libc::SIGKILL) };
+        }
+        workers
     }
 
     /// A connection to the control socket, for many requests in a row.
@@ -559,11 +572,7 @@ impl Drop for HostProcess {
     /// and its worker with it (a supervisor's worker would otherwise stop
     /// cleanly on its own, while the next test step already runs).
     fn drop(&mut self) {
-        let workers = children_of(self.child.id());
-        for w in &workers {
-            // SAFETY: kill(2) on a child of our child; no memory involved.
-            unsafe { libc::kill(*w as i32, libc::SIGKILL) };
-        }
+        let workers = self.stop_and_kill_workers();
         let _ = self.child.kill();
         let _ = self.child.wait();
         for w in workers {

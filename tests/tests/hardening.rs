@@ -300,18 +300,22 @@ fn a_killed_hosts_leftovers_are_swept_but_a_live_hosts_are_not() {
     let mut killed = spawn_host(&lib, xdg.path(), &killed_socket);
     wait_for_socket(&killed_socket);
     assert_eq!(shadow_dirs(xdg.path()).len(), 2);
-    // Both processes of that host die at once, so nothing cleans up: its
-    // worker is stopped first (a supervisor killed alone makes its worker
-    // stop cleanly, which would remove the files this test is about).
+    // Both processes of that host die at once, so nothing cleans up. The
+    // supervisor is stopped first (stopped, it cannot start another
+    // worker), the worker killed, then the supervisor. (A supervisor killed
+    // alone has its worker stop cleanly and remove these files; so does a
+    // stopped worker whose supervisor dies: its process group is orphaned,
+    // and the kernel continues it with SIGHUP.)
     let workers = keepwarm_tests::children_of(killed.id());
     assert_eq!(workers.len(), 1, "one worker");
-    // SAFETY: kill(2) on the worker of our own child; no memory involved.
-    unsafe { libc::kill(workers[0] as i32, libc::SIGSTOP) };
+    // SAFETY: kill(2) on our own child and its child; no memory involved.
+    unsafe {
+        libc::kill(killed.id() as i32, libc::SIGSTOP);
+        libc::kill(workers[0] as i32, libc::SIGKILL);
+    }
+    keepwarm_tests::wait_until_dead(workers[0]);
     killed.kill().unwrap();
     killed.wait().unwrap();
-    // SAFETY: as above.
-    unsafe { libc::kill(workers[0] as i32, libc::SIGKILL) };
-    keepwarm_tests::wait_until_dead(workers[0]);
     assert_eq!(shadow_dirs(xdg.path()).len(), 2, "SIGKILL leaves its files");
     // The next host sweeps the dead one's, and keeps the live one's.
     let next_socket = xdg.path().join("next.sock");
