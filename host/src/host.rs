@@ -569,7 +569,7 @@ impl Plugin {
     /// (or always, with `force`). On failure the live generation keeps
     /// serving. An incomplete file is returned as
     /// `Err(LoadError::Incomplete)` without being counted or reported, so the
-    /// watcher can retry; use [`Host::report_failure`] when it gives up.
+    /// watcher can retry; use [`Plugin::report_failure`] when it gives up.
     pub fn reload(&self, force: bool) -> Result<Reloaded, LoadError> {
         let started = Instant::now();
         let mut state = self.reload.lock();

@@ -3,7 +3,7 @@
 //!
 //! Each shell checks its pointers, turns raw parts into Rust values, calls
 //! the safe logic in [`crate::cache`] and returns a status code; each body runs
-//! inside [`boundary!`](crate::boundary), so a host bug can never unwind into
+//! inside `boundary!` (`boundary.rs`), so a host bug can never unwind into
 //! plugin code.
 
 use std::collections::HashMap;

@@ -10,10 +10,11 @@
 //! call). When a worker dies, the memory stays with the supervisor; the next
 //! worker replays the journal and starts with every acknowledged entry.
 //!
-//! Why not the SQLite store of `--persist`: a durable put costs 15–80 µs (a
-//! transaction), a journal append about 0.1 µs; a cold memoized computation
-//! making a million small puts would take many times longer with the store
-//! (the figures are in `BENCHMARKS.md`, "Crash containment"). The journal
+//! Why not the SQLite store of `--persist`: a cold memoized call that puts
+//! through the store costs about 26 times one in memory only (a transaction
+//! per put), through the journal about 1.6 times (0.4 µs more, compactions
+//! included; `BENCHMARKS.md`, "Crash containment", rows `crash_protection/…`
+//! of `make bench`). The journal
 //! guards against the death of the process only, which is what a crashing
 //! plugin causes; `--persist` is still the answer to a reboot.
 //!

@@ -56,7 +56,7 @@ pub fn raise_fd_limit() -> u64 {
 
 /// How many connections fit under a limit of `fd_limit` open files: each
 /// takes two descriptors (the stream and its writer clone), and
-/// [`RESERVED_FDS`] stay free for loading the next build.
+/// `RESERVED_FDS` stay free for loading the next build.
 pub fn connection_cap(fd_limit: u64) -> usize {
     let fit = fd_limit.saturating_sub(RESERVED_FDS) / 2;
     (fit as usize).clamp(1, MAX_CONNECTIONS)
