@@ -558,9 +558,7 @@ impl Tier for JournalTier {
     }
 
     fn put(&self, cache: &str, key: &[u8], r: &Record) -> Result<(), TierError> {
-        self.0
-            .put(cache, key, &r.value, r.identity, r.born_ms, r.cost_ns);
-        Ok(())
+        self.put_value(cache, key, &r.value, r.identity, r.born_ms, r.cost_ns)
     }
 
     fn put_value(

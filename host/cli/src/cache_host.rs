@@ -24,22 +24,12 @@ pub fn serve(args: ServeArgs, socket: Option<PathBuf>) -> anyhow::Result<()> {
         None => paths::serve_socket()?,
     };
     let (exit_tx, exit_rx) = mpsc::channel::<Exit>();
-    let mut signals = signal_hook::iterator::Signals::new([
-        signal_hook::consts::SIGINT,
-        signal_hook::consts::SIGTERM,
-        signal_hook::consts::SIGHUP,
-    ])
-    .context("installing the signal handlers")?;
-    let signal_handle = signals.handle();
-    {
+    let signal_handle = {
         let exit_tx = exit_tx.clone();
-        crate::threads::spawn("keepwarm-signals", None, move || {
-            if let Some(signal) = signals.forever().next() {
-                let _ = exit_tx.send(Exit::Signal(signal));
-            }
-        })
-        .context("spawning the signal thread")?;
-    }
+        crate::serve::exit_signals(move |e| {
+            let _ = exit_tx.send(e);
+        })?
+    };
     // Bind first: a second host on the same socket stops here, before it
     // touches the first one's epoch page.
     let server = Server::bind(&socket)?;
@@ -65,16 +55,9 @@ pub fn serve(args: ServeArgs, socket: Option<PathBuf>) -> anyhow::Result<()> {
             let backend: Arc<dyn crate::repl::Backend> =
                 Arc::new(crate::repl::Local(Arc::clone(&host)));
             let exit_tx = exit_tx.clone();
-            crate::threads::spawn(
-                "keepwarm-prompt",
-                Some(crate::repl::PROMPT_STACK_BYTES),
-                move || {
-                    if let Err(e) = crate::repl::run(backend) {
-                        crate::output::err(&format!("keepwarm: the prompt failed: {e}"));
-                    }
-                    let _ = exit_tx.send(Exit::Quit);
-                },
-            )
+            crate::repl::spawn(backend, move || {
+                let _ = exit_tx.send(Exit::Quit);
+            })
             .context("spawning the prompt")?;
         } else {
             crate::output::say(

@@ -157,11 +157,10 @@ fn run(args: RunArgs, socket: Option<std::path::PathBuf>) -> anyhow::Result<()> 
     Serve {
         config,
         more: libraries.collect(),
-        socket: Some(worker.socket),
-        no_repl: true,
-        worker: Some(worker.side),
+        socket: worker.socket,
+        worker: worker.side,
     }
-    .run(|_| Ok(()))
+    .run()
 }
 
 fn dev(args: DevArgs, socket: Option<std::path::PathBuf>) -> anyhow::Result<()> {

@@ -24,6 +24,21 @@ use crate::host::Host;
 /// or in the supervisor's worker), so it only needs room for line editing.
 pub const PROMPT_STACK_BYTES: usize = 8 << 20;
 
+/// Starts the prompt on a thread of its own ([`PROMPT_STACK_BYTES`]) on
+/// `backend`; `done` runs when the user leaves it.
+pub fn spawn(
+    backend: Arc<dyn Backend>,
+    done: impl FnOnce() + Send + 'static,
+) -> std::io::Result<()> {
+    crate::threads::spawn("keepwarm-prompt", Some(PROMPT_STACK_BYTES), move || {
+        if let Err(e) = run(backend) {
+            crate::output::err(&format!("keepwarm: the prompt failed: {e}"));
+        }
+        done();
+    })
+    .map(|_| ())
+}
+
 /// What the prompt talks to: the host in this process, or the worker of
 /// `keepwarm run`'s supervisor over the control socket.
 pub trait Backend: Send + Sync {

@@ -1,10 +1,10 @@
-//! The long-running part shared by `keepwarm run` and `keepwarm dev`: bind
-//! the control socket, load and watch the library, serve, and read the
-//! prompt (or wait) until the user leaves.
+//! The worker of `keepwarm run` and `keepwarm dev` ([`Serve`]): on the
+//! control socket its supervisor hands it, load and watch the libraries and
+//! serve until the supervisor stops it; and what every long-running command
+//! shares: the exit signals, the terminal's state, [`SHUTDOWN_GRACE`].
 //!
-//! Every way out takes one path: `quit`, end of input, Ctrl-C at an empty
-//! prompt, SIGINT, SIGTERM and SIGHUP all stop the listener (the socket file
-//! goes), let calls in flight finish for up to [`SHUTDOWN_GRACE`], unload
+//! Every way out takes one path: SIGINT, SIGTERM and SIGHUP stop the
+//! listener, let calls in flight finish for up to [`SHUTDOWN_GRACE`], unload
 //! the live generation, remove the shadow directory, and return from
 //! [`Serve::run`] with `Ok`: exit status 0.
 
@@ -17,23 +17,21 @@ use std::time::Duration;
 use anyhow::Context;
 
 use crate::control::server::Server;
-use crate::{paths, watcher, Config, Host};
+use crate::{watcher, Config, Host};
 
 /// How long a shutdown waits for calls in flight.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
-/// How a host is served.
+/// How a supervisor's worker serves.
 pub struct Serve {
     /// The host's configuration (first library, cache bounds, events).
     pub config: Config,
     /// More plugin libraries, sharing the host's caches.
     pub more: Vec<PathBuf>,
-    /// The control socket; the library's default socket when `None`.
-    pub socket: Option<PathBuf>,
-    /// Never read commands from the terminal.
-    pub no_repl: bool,
-    /// Set in a supervisor's worker: the socket is inherited, not bound.
-    pub worker: Option<crate::supervisor::WorkerSide>,
+    /// The control socket's path.
+    pub socket: PathBuf,
+    /// What the worker inherited: the listening socket, the ready pipe.
+    pub worker: crate::supervisor::WorkerSide,
 }
 
 /// Why the host is leaving.
@@ -43,6 +41,27 @@ pub enum Exit {
     Quit,
     /// A signal (its number).
     Signal(i32),
+}
+
+/// Sends an [`Exit::Signal`] through `send` at the first SIGINT, SIGTERM or
+/// SIGHUP (from a thread of its own); close the handle when leaving.
+pub fn exit_signals(
+    send: impl Fn(Exit) + Send + 'static,
+) -> anyhow::Result<signal_hook::iterator::Handle> {
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGHUP,
+    ])
+    .context("installing the signal handlers")?;
+    let handle = signals.handle();
+    crate::threads::spawn("keepwarm-signals", None, move || {
+        if let Some(signal) = signals.forever().next() {
+            send(Exit::Signal(signal));
+        }
+    })
+    .context("spawning the signal thread")?;
+    Ok(handle)
 }
 
 /// Whether this process may use the terminal on standard input: it is a
@@ -79,37 +98,17 @@ impl TerminalState {
 }
 
 impl Serve {
-    /// Serves until `quit`, end of input, SIGINT, SIGTERM or SIGHUP, then
-    /// shuts down cleanly. `started` runs once the host is up, with it.
-    pub fn run(self, started: impl FnOnce(&Arc<Host>) -> anyhow::Result<()>) -> anyhow::Result<()> {
+    /// Serves until SIGINT, SIGTERM or SIGHUP (the supervisor's stop), then
+    /// shuts down cleanly.
+    pub fn run(self) -> anyhow::Result<()> {
         crate::threads::register_current();
-        let socket = match self.socket {
-            Some(s) => s,
-            None => paths::default_socket(&self.config.library)?,
-        };
         let (exit_tx, exit_rx) = mpsc::channel::<Exit>();
-        // Signals first: a Ctrl-C during the first load is a clean exit too.
-        let mut signals = signal_hook::iterator::Signals::new([
-            signal_hook::consts::SIGINT,
-            signal_hook::consts::SIGTERM,
-            signal_hook::consts::SIGHUP,
-        ])
-        .context("installing the signal handlers")?;
-        let signal_handle = signals.handle();
-        {
-            let exit_tx = exit_tx.clone();
-            crate::threads::spawn("keepwarm-signals", None, move || {
-                if let Some(signal) = signals.forever().next() {
-                    let _ = exit_tx.send(Exit::Signal(signal));
-                }
-            })
-            .context("spawning the signal thread")?;
-        }
-        // Bind before loading: a second host on the same socket stops here.
-        let (server, worker) = match self.worker {
-            Some(mut w) => (Server::inherited(&socket, w.take_listener()), Some(w)),
-            None => (Server::bind(&socket)?, None),
-        };
+        // Signals first: a stop during the first load is a clean exit too.
+        let signal_handle = exit_signals(move |e| {
+            let _ = exit_tx.send(e);
+        })?;
+        let mut worker = self.worker;
+        let server = Server::inherited(&self.socket, worker.take_listener());
         let restarted = self
             .config
             .supervised
@@ -143,36 +142,9 @@ impl Serve {
             watcher::load_initial(&host);
         }
         let guard = server.spawn(Arc::clone(&host))?;
-        started(&host)?;
-        if let Some(worker) = &worker {
-            worker.ready();
-        }
-        let wants_prompt = worker.is_none() && !self.no_repl && std::io::stdin().is_terminal();
-        let terminal = TerminalState::save();
-        if wants_prompt && owns_terminal() {
-            let backend: Arc<dyn crate::repl::Backend> =
-                Arc::new(crate::repl::Local(Arc::clone(&host)));
-            let exit_tx = exit_tx.clone();
-            crate::threads::spawn(
-                "keepwarm-prompt",
-                Some(crate::repl::PROMPT_STACK_BYTES),
-                move || {
-                    if let Err(e) = crate::repl::run(backend) {
-                        crate::output::err(&format!("keepwarm: the prompt failed: {e}"));
-                    }
-                    let _ = exit_tx.send(Exit::Quit);
-                },
-            )
-            .context("spawning the prompt")?;
-        } else if wants_prompt {
-            crate::output::say(
-                "keepwarm: running in the background, so no prompt (as with --no-repl); use `keepwarm call …` from any terminal; stop it with `kill %1`",
-            );
-        }
-        drop(exit_tx);
-        let reason = exit_rx.recv().unwrap_or(Exit::Quit);
+        worker.ready();
+        let _ = exit_rx.recv();
         // One path out, whatever the reason.
-        terminal.restore();
         drop(watch);
         drop(guard);
         if !host.shutdown(SHUTDOWN_GRACE) {
@@ -182,9 +154,6 @@ impl Serve {
             ));
         }
         signal_handle.close();
-        if let (Exit::Signal(_), None) = (reason, &worker) {
-            crate::output::say("keepwarm: stopped by a signal; shut down cleanly");
-        }
         Ok(())
     }
 }

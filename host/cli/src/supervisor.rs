@@ -631,21 +631,12 @@ pub fn supervise(
         None => crate::paths::default_socket(&library)?,
     };
     let (events, rx) = mpsc::channel::<Ev>();
-    let mut signals = signal_hook::iterator::Signals::new([
-        signal_hook::consts::SIGINT,
-        signal_hook::consts::SIGTERM,
-        signal_hook::consts::SIGHUP,
-    ])
-    .context("installing the signal handlers")?;
-    let signal_handle = signals.handle();
-    {
+    let signal_handle = {
         let events = events.clone();
-        crate::threads::spawn("keepwarm-signals", None, move || {
-            if let Some(signal) = signals.forever().next() {
-                let _ = events.send(Ev::Exit(Exit::Signal(signal)));
-            }
-        })?;
-    }
+        crate::serve::exit_signals(move |e| {
+            let _ = events.send(Ev::Exit(e));
+        })?
+    };
     let server = Server::bind(&socket)?;
     let runtime = crate::paths::runtime_dir()?;
     crate::paths::sweep_dead_shadow_dirs(&runtime);
@@ -809,16 +800,9 @@ fn start_prompt(
         relays: Arc::clone(relays),
     });
     let events = events.clone();
-    crate::threads::spawn(
-        "keepwarm-prompt",
-        Some(crate::repl::PROMPT_STACK_BYTES),
-        move || {
-            if let Err(e) = crate::repl::run(backend) {
-                crate::output::err(&format!("keepwarm: the prompt failed: {e}"));
-            }
-            let _ = events.send(Ev::Exit(Exit::Quit));
-        },
-    )?;
+    crate::repl::spawn(backend, move || {
+        let _ = events.send(Ev::Exit(Exit::Quit));
+    })?;
     Ok(())
 }
 
