@@ -119,11 +119,23 @@ pub struct CacheStats {
     /// Reads and writes of the durable store that failed (a full disk, a
     /// damaged page): the call still answered, from memory or by computing.
     pub store_errors: u64,
+    /// Local misses the shared tier (`--shared`) answered: also counted in `hits`.
+    pub shared_hits: u64,
+    /// Local misses the shared tier did not answer (not there, not asked while it is down, or too slow).
+    pub shared_misses: u64,
+    /// Shared reads or writes that failed or timed out, and shared values refused.
+    pub shared_errors: u64,
+    /// Shared values that failed their checks (header, identity, length, checksum, shape, size): never served.
+    pub shared_refused: u64,
+    /// Computed entries not queued for the shared tier because its write queue was full.
+    pub shared_queue_drops: u64,
+    /// Entries written to the shared tier.
+    pub shared_writes: u64,
 }
 
 impl CacheStats {
     /// The fields of the JSON object, in order.
-    pub const FIELDS: [&'static str; 18] = [
+    pub const FIELDS: [&'static str; 24] = [
         "name",
         "entries",
         "bytes",
@@ -142,6 +154,12 @@ impl CacheStats {
         "persisted_entries",
         "persisted_bytes",
         "store_errors",
+        "shared_hits",
+        "shared_misses",
+        "shared_errors",
+        "shared_refused",
+        "shared_queue_drops",
+        "shared_writes",
     ];
 
     /// The figures as the JSON object `keepwarm stats --json` prints.
@@ -165,6 +183,12 @@ impl CacheStats {
             "persisted_entries": self.persisted_entries,
             "persisted_bytes": self.persisted_bytes,
             "store_errors": self.store_errors,
+            "shared_hits": self.shared_hits,
+            "shared_misses": self.shared_misses,
+            "shared_errors": self.shared_errors,
+            "shared_refused": self.shared_refused,
+            "shared_queue_drops": self.shared_queue_drops,
+            "shared_writes": self.shared_writes,
         })
     }
 
@@ -190,6 +214,12 @@ impl CacheStats {
             persisted_entries: o.u64_or_0("persisted_entries")?,
             persisted_bytes: o.u64_or_0("persisted_bytes")?,
             store_errors: o.u64_or_0("store_errors")?,
+            shared_hits: o.u64_or_0("shared_hits")?,
+            shared_misses: o.u64_or_0("shared_misses")?,
+            shared_errors: o.u64_or_0("shared_errors")?,
+            shared_refused: o.u64_or_0("shared_refused")?,
+            shared_queue_drops: o.u64_or_0("shared_queue_drops")?,
+            shared_writes: o.u64_or_0("shared_writes")?,
         })
     }
 }
@@ -410,6 +440,21 @@ pub struct Cache {
     /// clears it, so a write that lost the race to a reset is never stored
     /// after it. Hits never take it.
     writing: Mutex<()>,
+    /// The shared tier's figures of this cache (`--shared`; all 0 without).
+    shared: Arc<crate::shared::Counters>,
+    /// The shared identities (code prefixes) this cache's current code was
+    /// opened with, and the generation that opened them: what
+    /// `reset CACHE --shared` drops.
+    shared_codes: Mutex<(u64, Vec<Box<[u8]>>)>,
+}
+
+/// What a local miss may ask the shared tier, and under which identity.
+#[derive(Clone, Copy)]
+pub struct SharedLookup<'a> {
+    /// The tier.
+    pub tier: &'a crate::shared::SharedTier,
+    /// The identity of the entries: plugin, cache, code, shape.
+    pub id: &'a crate::shared::SharedId,
 }
 
 /// The durable tier the caches of a host share, and how its failures are
@@ -481,6 +526,8 @@ impl Cache {
         Cache {
             durable,
             writing: Mutex::new(()),
+            shared: Arc::default(),
+            shared_codes: Mutex::new((0, Vec::new())),
             name: name.into(),
             inner: Mutex::new(Inner {
                 lru: LruCache::unbounded(),
@@ -686,14 +733,29 @@ impl Cache {
         identity: u64,
         cost: u64,
     ) -> Result<(), PutError> {
+        self.store_at(key, value, epoch, identity, cost, None)
+            .map(|_| ())
+    }
+
+    /// [`Cache::store`], for an entry born at `born_ms` (Unix milliseconds;
+    /// `None`: now). Returns whether it was stored (not stale, not reset).
+    fn store_at(
+        &self,
+        key: &[u8],
+        value: Arc<[u8]>,
+        epoch: Option<u64>,
+        identity: u64,
+        cost: u64,
+        born_ms: Option<u64>,
+    ) -> Result<bool, PutError> {
         let size = entry_bytes(key, &value);
         let mut inner = self.inner.lock();
         if identity != 0 && inner.code_hash != 0 && identity != inner.code_hash {
             inner.stale_puts += 1;
-            return Ok(());
+            return Ok(false);
         }
         if epoch.is_some_and(|e| e != inner.epoch) {
-            return Ok(());
+            return Ok(false);
         }
         if inner.bounds.max_bytes.is_some_and(|max| size > max) {
             return Err(PutError::TooLarge);
@@ -701,7 +763,7 @@ impl Cache {
         let kept = self.durable.as_ref().map(|_| Arc::clone(&value));
         let slot = Slot {
             value,
-            born: now_ns(),
+            born: born_ms.map_or_else(now_ns, born_from_unix_ms),
             cost,
         };
         if let Some(old) = inner.lru.get_mut(key) {
@@ -721,7 +783,7 @@ impl Cache {
             // entry survives the death of the process.
             let _writing = self.writing.lock();
             if self.inner.lock().epoch == epoch {
-                let born_ms = crate::persist::now_ms();
+                let born_ms = born_ms.unwrap_or_else(crate::persist::now_ms);
                 match durable
                     .tier
                     .put_value(&self.name, key, &value, identity, born_ms, cost)
@@ -731,7 +793,7 @@ impl Cache {
                 }
             }
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Tells the durable tier that the memory evicted `key`.
@@ -857,6 +919,22 @@ impl Cache {
         want: &Want,
         compute: impl FnOnce() -> Result<Vec<u8>, E>,
     ) -> Computed<E> {
+        self.compute_missing_shared(key, identity, want, None, compute)
+    }
+
+    /// [`Cache::compute_missing_as`] with a shared tier behind the local
+    /// ones: the thread that would compute first asks `shared` (for at most
+    /// its timeout) and, when it has the entry, stores it locally and hands
+    /// it out instead; a value it computes is queued for the shared tier
+    /// (write-behind) once stored here.
+    pub fn compute_missing_shared<E>(
+        &self,
+        key: &[u8],
+        identity: u64,
+        want: &Want,
+        shared: Option<SharedLookup<'_>>,
+        compute: impl FnOnce() -> Result<Vec<u8>, E>,
+    ) -> Computed<E> {
         let me = std::thread::current().id();
         let mut compute = Some(compute);
         loop {
@@ -890,6 +968,15 @@ impl Cache {
             };
             if leader {
                 let epoch = self.inner.lock().epoch;
+                if let Some(v) =
+                    shared.and_then(|sh| self.shared_read(sh, key, want, epoch, identity))
+                {
+                    *flight.outcome.lock() = Some(Some(Arc::clone(&v)));
+                    self.flights.lock().remove(key);
+                    flight_landed(Arc::as_ptr(&flight) as usize);
+                    flight.done.notify_all();
+                    return Computed::Value(v);
+                }
                 let compute = compute
                     .take()
                     .expect("a thread leads a flight at most once");
@@ -906,7 +993,11 @@ impl Cache {
                     Ok(bytes) => {
                         let v: Arc<[u8]> = Arc::from(bytes.as_slice());
                         // Too large for the cache: the caller still gets it.
-                        let _ = self.store(key, Arc::clone(&v), Some(epoch), identity, cost);
+                        let stored =
+                            self.store_at(key, Arc::clone(&v), Some(epoch), identity, cost, None);
+                        if let (Ok(true), Some(sh)) = (stored, shared) {
+                            sh.tier.put(sh.id, key, &v, cost, want.ttl, &self.shared);
+                        }
                         Some(v)
                     }
                     Err(_) => None,
@@ -944,6 +1035,94 @@ impl Cache {
                 return Computed::Cycle;
             }
         }
+    }
+
+    /// Asks the shared tier for `key` after a local miss: a valid entry that
+    /// fits `want` is stored locally (unless the cache was reset since
+    /// `epoch`, or its code changed) and returned; the caller's miss is
+    /// counted as a hit.
+    #[cold]
+    fn shared_read(
+        &self,
+        shared: SharedLookup<'_>,
+        key: &[u8],
+        want: &Want,
+        epoch: u64,
+        identity: u64,
+    ) -> Option<Arc<[u8]>> {
+        let found = shared.tier.get(shared.id, key, &self.shared)?;
+        let shape_ok = want
+            .shape
+            .is_none_or(|tag| found.value.get(..8) == Some(&tag[..]));
+        if !shape_ok {
+            // The key names the shape: a value of another under it was
+            // written by something else than keepwarm.
+            use std::sync::atomic::Ordering::Relaxed;
+            self.shared.hits.fetch_sub(1, Relaxed);
+            self.shared.misses.fetch_add(1, Relaxed);
+            self.shared.refused.fetch_add(1, Relaxed);
+            self.shared.errors.fetch_add(1, Relaxed);
+            return None;
+        }
+        if let Some(ttl) = want.ttl {
+            let age = crate::persist::now_ms().saturating_sub(found.born_ms);
+            if u128::from(age) >= ttl.as_millis() {
+                use std::sync::atomic::Ordering::Relaxed;
+                self.shared.hits.fetch_sub(1, Relaxed);
+                self.shared.misses.fetch_add(1, Relaxed);
+                return None;
+            }
+        }
+        let v: Arc<[u8]> = Arc::from(found.value);
+        let _ = self.store_at(
+            key,
+            Arc::clone(&v),
+            Some(epoch),
+            identity,
+            found.cost_ns,
+            Some(found.born_ms),
+        );
+        let mut inner = self.inner.lock();
+        inner.misses = inner.misses.saturating_sub(1);
+        inner.hits += 1;
+        inner.saved_ns += found.cost_ns;
+        Some(v)
+    }
+
+    /// After a local miss of a caller that computes on its own (a protocol
+    /// client): the entry from the shared tier, stored locally and counted
+    /// as a hit; `None` when the tier does not have it.
+    pub fn shared_fetch(&self, shared: SharedLookup<'_>, key: &[u8]) -> Option<Arc<[u8]>> {
+        let epoch = self.epoch();
+        self.shared_read(shared, key, &Want::ANY, epoch, 0)
+    }
+
+    /// Records that the current code of this cache (opened in
+    /// `generation`) shares its entries under `id`; an older generation's
+    /// identities are forgotten.
+    pub fn register_shared(&self, generation: u64, id: &crate::shared::SharedId) {
+        let mut codes = self.shared_codes.lock();
+        if generation > codes.0 {
+            *codes = (generation, Vec::new());
+        }
+        if !codes.1.iter().any(|c| **c == *id.code_prefix()) {
+            codes.1.push(Box::from(id.code_prefix()));
+        }
+    }
+
+    /// The shared identities (code prefixes) of the cache's current code.
+    pub fn shared_codes(&self) -> Vec<Vec<u8>> {
+        self.shared_codes
+            .lock()
+            .1
+            .iter()
+            .map(|c| c.to_vec())
+            .collect()
+    }
+
+    /// The shared tier's figures of this cache.
+    pub fn shared_counters(&self) -> &Arc<crate::shared::Counters> {
+        &self.shared
     }
 
     /// Turns the miss this caller's lookup counted into a hit: it got the
@@ -989,6 +1168,8 @@ impl Cache {
 
     /// A snapshot of the figures.
     pub fn stats(&self) -> CacheStats {
+        let [shared_hits, shared_misses, shared_errors, shared_refused, shared_queue_drops, shared_writes] =
+            self.shared.snapshot();
         let inner = self.inner.lock();
         CacheStats {
             name: self.name.clone(),
@@ -1011,6 +1192,12 @@ impl Cache {
             persisted_entries: 0,
             persisted_bytes: 0,
             store_errors: inner.store_errors,
+            shared_hits,
+            shared_misses,
+            shared_errors,
+            shared_refused,
+            shared_queue_drops,
+            shared_writes,
         }
     }
 }
@@ -1133,6 +1320,8 @@ pub struct Store {
     /// Told of every reset made through the store, after the entries are
     /// gone (the epoch page of `keepwarm serve`).
     on_reset: OnceLock<ResetHook>,
+    /// The shared tier behind the local ones, with `--shared`.
+    shared: OnceLock<Arc<crate::shared::SharedTier>>,
 }
 
 /// A function told of each reset made through a [`Store`].
@@ -1147,6 +1336,7 @@ impl Store {
             overrides,
             durable: None,
             on_reset: OnceLock::new(),
+            shared: OnceLock::new(),
         }
     }
 
@@ -1185,6 +1375,17 @@ impl Store {
         store.caches = ArcSwap::from_pointee(map);
         store.durable = Some(durable);
         Ok(store)
+    }
+
+    /// Puts `tier` behind the local tiers of every cache (`--shared`). Set
+    /// once: false if a shared tier was already set.
+    pub fn set_shared(&self, tier: Arc<crate::shared::SharedTier>) -> bool {
+        self.shared.set(tier).is_ok()
+    }
+
+    /// The shared tier, with `--shared`.
+    pub fn shared(&self) -> Option<&Arc<crate::shared::SharedTier>> {
+        self.shared.get()
     }
 
     /// The durable tier, with `--persist`.

@@ -101,6 +101,12 @@ pub enum Event {
         /// The sentence.
         message: String,
     },
+    /// Something the shared tier (`--shared`) must say: the server is
+    /// unreachable (once per outage), or back.
+    Shared {
+        /// The sentence.
+        message: String,
+    },
     /// Caches were reset through the control socket: one, or all.
     Reset {
         /// The cache, or `None` for all.

@@ -40,6 +40,9 @@ pub struct Config {
     /// (see [`crate::journal`]). Ignored with `persist`, whose store
     /// survives a crash by itself.
     pub journal: Option<Arc<crate::journal::Journal>>,
+    /// A shared tier on a Redis server behind the local ones (`--shared
+    /// URL`): see [`crate::shared`].
+    pub shared: Option<crate::shared::SharedConfig>,
 }
 
 impl Default for Config {
@@ -62,6 +65,7 @@ impl Config {
             persist_max_bytes: None,
             supervised: None,
             journal: None,
+            shared: None,
         }
     }
 
@@ -130,6 +134,8 @@ pub struct Status {
     pub last_crash: Option<crate::supervision::Crash>,
     /// Builds that are not loaded again until the file changes.
     pub bad_builds: Vec<crate::supervision::BadBuild>,
+    /// The shared tier (`--shared`), if there is one.
+    pub shared: Option<crate::shared::SharedStatus>,
 }
 
 /// One plugin's part of [`Status`].
@@ -245,6 +251,12 @@ impl Status {
                 .iter()
                 .map(crate::supervision::BadBuild::to_json)
                 .collect::<Vec<_>>(),
+            "shared": self.shared.as_ref().map(|s| serde_json::json!({
+                "url": s.url,
+                "prefix": s.prefix,
+                "state": s.state,
+                "last_error": s.last_error,
+            })),
         })
     }
 
@@ -272,6 +284,7 @@ impl Status {
                 "restarts",
                 "last_crash",
                 "bad_builds",
+                "shared",
             ],
         )?;
         let pid = u32::try_from(o.u64("pid")?).map_err(|e| format!("pid: {e}"))?;
@@ -316,6 +329,10 @@ impl Status {
                 .iter()
                 .map(crate::supervision::BadBuild::from_json)
                 .collect::<Result<_, _>>()?,
+            shared: match value.get("shared") {
+                None | Some(serde_json::Value::Null) => None,
+                Some(s) => Some(crate::shared::SharedStatus::from_json(s)?),
+            },
         })
     }
 }
@@ -699,6 +716,7 @@ impl Plugin {
             Arc::clone(&self.shared.store),
             self.shared.sink(),
             declared,
+            &library.name,
         );
         // SAFETY: host tables are never freed, so the table outlives the
         // library whatever happens.
@@ -958,6 +976,22 @@ impl Host {
             (None, Some(journal)) => open_journal(journal, config.cache_bounds, &events),
             (None, None) => Store::with_overrides(config.cache_bounds),
         };
+        if let Some(shared) = config.shared {
+            let warned = Arc::clone(&events);
+            let tier = crate::shared::SharedTier::connect(
+                shared,
+                Arc::new(move |message: &str| {
+                    send(
+                        &warned,
+                        &Event::Shared {
+                            message: message.to_owned(),
+                        },
+                    )
+                }),
+            )
+            .map_err(crate::error::Error::new)?;
+            store.set_shared(Arc::new(tier));
+        }
         let bad_builds = config
             .supervised
             .as_ref()
@@ -1122,6 +1156,10 @@ impl Host {
         // A call still running may yet store: the store stays locked then.
         if let (true, Some(durable)) = (drained, self.shared.store.durable()) {
             durable.tier.close();
+        }
+        // What the write-behind queue holds is written, for a moment.
+        if let Some(tier) = self.shared.store.shared() {
+            tier.close(Duration::from_millis(500));
         }
         self.shared.shadow_dir.remove();
         if let Some(page) = self.epochs.get() {
@@ -1295,6 +1333,23 @@ impl Host {
         self.shared.store.reset_all()
     }
 
+    /// Drops, from the shared tier, the entries of the current code of
+    /// `caches` (the identities their handles were opened with in the live
+    /// generation); returns how many. `Err` when the host has no shared
+    /// tier or the server failed.
+    pub fn reset_shared(&self, caches: &[Arc<crate::cache::Cache>]) -> Result<u64, String> {
+        let Some(tier) = self.shared.store.shared() else {
+            return Err(
+                "this host has no shared tier (start it with --shared redis://HOST:PORT)".into(),
+            );
+        };
+        let prefixes: Vec<Vec<u8>> = caches.iter().flat_map(|c| c.shared_codes()).collect();
+        if prefixes.is_empty() {
+            return Ok(0);
+        }
+        tier.drop_prefixes(prefixes)
+    }
+
     /// What is loaded: the first plugin's figures at the top (as with one
     /// plugin), and every plugin's under `plugins`.
     pub fn status(&self) -> Status {
@@ -1337,6 +1392,7 @@ impl Host {
             restarts: sup.map_or(0, |s| s.restarts),
             last_crash: sup.and_then(|s| s.last_crash.clone()),
             bad_builds: self.shared.bad_builds.read().clone(),
+            shared: self.shared.store.shared().map(|t| t.status()),
         }
     }
 

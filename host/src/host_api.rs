@@ -42,6 +42,8 @@ pub struct HostContext {
     /// refused): every later call through this table answers
     /// [`abi::KW_RETIRED`] and touches nothing.
     retired: AtomicBool,
+    /// The plugin's name (its descriptor's): part of a shared identity.
+    plugin: String,
 }
 
 /// What a cache handle points to: the cache, the identity this
@@ -52,6 +54,9 @@ pub struct Opened {
     cache: Arc<Cache>,
     identity: u64,
     want: Want,
+    /// The identity the handle's entries are shared under (`--shared`, and
+    /// a code identity known).
+    shared: Option<(Arc<crate::shared::SharedTier>, crate::shared::SharedId)>,
 }
 
 /// A generation's host table with the context it points to.
@@ -77,6 +82,7 @@ impl HostTable {
         store: Arc<Store>,
         events: EventSink,
         declared: HashMap<Box<[u8]>, u64>,
+        plugin: &str,
     ) -> HostTable {
         let context: &'static HostContext = Box::leak(Box::new(HostContext {
             generation,
@@ -84,6 +90,7 @@ impl HostTable {
             events,
             opened: Mutex::new(Vec::new()),
             declared,
+            plugin: plugin.to_owned(),
             retired: AtomicBool::new(false),
         }));
         let table = Box::leak(Box::new(KwHostApi {
@@ -218,6 +225,38 @@ impl HostContext {
     fn identity(&self, cache: &[u8]) -> u64 {
         self.declared.get(cache).copied().unwrap_or(0)
     }
+
+    /// The identity `cache`'s entries are shared under, with a shared tier:
+    /// the code identity a handle was opened with, else the cache's
+    /// declared code hash; `None` when neither is known (never shared).
+    /// Recorded on the cache for `reset --shared`.
+    fn shared_id(
+        &self,
+        cache: &Cache,
+        code: u64,
+        shape: u64,
+    ) -> Option<(Arc<crate::shared::SharedTier>, crate::shared::SharedId)> {
+        let tier = self.store.shared()?;
+        let code = match code {
+            0 => self.identity(cache.name().as_bytes()),
+            c => c,
+        };
+        if code == 0 {
+            return None;
+        }
+        let id = tier.id(&self.plugin, cache.name(), code, shape);
+        cache.register_shared(self.generation, &id);
+        Some((Arc::clone(tier), id))
+    }
+}
+
+/// The shared lookup of a compute call, when there is one.
+fn lookup(
+    shared: &Option<(Arc<crate::shared::SharedTier>, crate::shared::SharedId)>,
+) -> Option<crate::cache::SharedLookup<'_>> {
+    shared
+        .as_ref()
+        .map(|(tier, id)| crate::cache::SharedLookup { tier, id })
 }
 
 /// The plugin's copy-out buffer; an empty one when `cap` is 0.
@@ -251,9 +290,9 @@ unsafe extern "C" fn cache_open(
 /// # Safety
 /// `opts` must be NULL or point to a `KwOpenOptions` of at least `size`
 /// readable bytes (its first field), valid for the current call.
-unsafe fn options(opts: *const KwOpenOptions) -> Option<Want> {
+unsafe fn options(opts: *const KwOpenOptions) -> Option<(Want, u64)> {
     if opts.is_null() {
-        return Some(Want::ANY);
+        return Some((Want::ANY, 0));
     }
     // The first 4 bytes say how much of the struct the plugin knows.
     // SAFETY: per the contract, `opts` points to at least the `size` field.
@@ -275,10 +314,13 @@ unsafe fn options(opts: *const KwOpenOptions) -> Option<Want> {
     if copy.flags != 0 {
         return None;
     }
-    Some(Want {
-        shape: (copy.shape != 0).then(|| copy.shape.to_le_bytes()),
-        ttl: (copy.ttl_ms != 0).then(|| std::time::Duration::from_millis(copy.ttl_ms)),
-    })
+    Some((
+        Want {
+            shape: (copy.shape != 0).then(|| copy.shape.to_le_bytes()),
+            ttl: (copy.ttl_ms != 0).then(|| std::time::Duration::from_millis(copy.ttl_ms)),
+        },
+        copy.code,
+    ))
 }
 
 unsafe extern "C" fn cache_open_with(
@@ -294,7 +336,7 @@ unsafe extern "C" fn cache_open_with(
         }
         // SAFETY: as in cache_get; the options are NULL or the plugin's,
         // valid for this call.
-        let (Some(ctx), Some(name), Some(want)) = (
+        let (Some(ctx), Some(name), Some((want, code))) = (
             unsafe { context(ctx) },
             unsafe { self::name(name) },
             unsafe { options(opts) },
@@ -305,17 +347,21 @@ unsafe extern "C" fn cache_open_with(
             return abi::KW_INVALID_ARGUMENT;
         }
         let cache = ctx.store.cache(name);
+        let shape = want.shape.map_or(0, u64::from_le_bytes);
+        let shared = ctx.shared_id(&cache, code, shape);
         let mut opened = ctx.opened.lock();
-        let ptr = match opened
-            .iter()
-            .find(|o| Arc::ptr_eq(&o.cache, &cache) && o.want == want)
-        {
+        let ptr = match opened.iter().find(|o| {
+            Arc::ptr_eq(&o.cache, &cache)
+                && o.want == want
+                && o.shared.as_ref().map(|s| &s.1) == shared.as_ref().map(|s| &s.1)
+        }) {
             Some(o) => &**o as *const Opened,
             None => {
                 let o = Box::new(Opened {
                     identity: ctx.identity(name.as_bytes()),
                     cache,
                     want,
+                    shared,
                 });
                 let ptr = &*o as *const Opened;
                 opened.push(o);
@@ -502,12 +548,13 @@ unsafe extern "C" fn cache_get_or_compute_into(
             cache,
             identity,
             want,
+            shared,
         } = cache;
         match cache.get_into_as(key, buf, want) {
             // SAFETY: `out` is non-NULL and points to the plugin's KwValue.
             Found::Miss => unsafe {
                 lend_computed(
-                    cache.compute_missing_as(key, *identity, want, || {
+                    cache.compute_missing_shared(key, *identity, want, lookup(shared), || {
                         run_compute(compute).and_then(|bytes| match want.shape {
                             // A computation must produce a value of the
                             // handle's shape; anything else is not stored.
@@ -557,7 +604,12 @@ unsafe extern "C" fn cache_get_or_compute(
         let cache = ctx.store.cache(cache);
         let computed = match cache.get(key) {
             Some(v) => Computed::Value(v),
-            None => cache.compute_missing_as(key, identity, &Want::ANY, || run_compute(compute)),
+            None => {
+                let shared = ctx.shared_id(&cache, 0, 0);
+                cache.compute_missing_shared(key, identity, &Want::ANY, lookup(&shared), || {
+                    run_compute(compute)
+                })
+            }
         };
         // SAFETY: `out` is non-NULL and points to the plugin's KwValue.
         unsafe { lend_computed(computed, out) }

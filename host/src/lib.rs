@@ -27,6 +27,7 @@
 //! | [`threads`] | the host's threads, told apart from those a plugin starts |
 //! | [`journal`] | the crash journal: cache changes in memory that outlives a crashed worker |
 //! | [`supervision`] | what `keepwarm run`'s supervisor learns from a worker that crashed |
+//! | [`shared`] | the shared tier on Redis (`--shared`): read-through, write-behind, checked values |
 //!
 //! Embedding the host (the plugin path is whatever your build produced; see
 //! `host/examples/embed.rs` for a whole program):
@@ -74,6 +75,7 @@ mod json;
 pub mod loader;
 pub mod paths;
 pub mod persist;
+pub mod shared;
 pub mod signature;
 pub mod supervision;
 pub mod threads;

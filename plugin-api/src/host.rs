@@ -149,14 +149,22 @@ fn has(host: &KwHostApi, offset: usize) -> bool {
 
 /// `#[memo]`'s cache: its values carry the tag `shape` computes (on first
 /// use), which the host checks on every lookup; entries older than `ttl_ms`
-/// (when not 0) are misses.
-pub const fn memo_cache(name: &'static str, shape: fn() -> u64, ttl_ms: u64) -> HostCache {
+/// (when not 0) are misses; `code` is the identity of the function's code
+/// (its body, `version` and module path), under which a host with a shared
+/// tier shares the entries.
+pub const fn memo_cache(
+    name: &'static str,
+    shape: fn() -> u64,
+    ttl_ms: u64,
+    code: u64,
+) -> HostCache {
     HostCache {
         name,
         handle: AtomicPtr::new(core::ptr::null_mut()),
         shape: Some(shape),
         tag: AtomicU64::new(0),
         ttl_ms,
+        code,
     }
 }
 
@@ -189,6 +197,8 @@ pub struct HostCache {
     tag: AtomicU64,
     /// `#[memo(ttl = ...)]`, in milliseconds; 0: none.
     ttl_ms: u64,
+    /// `#[memo]`'s code identity; 0: none.
+    code: u64,
 }
 
 impl HostCache {
@@ -200,6 +210,7 @@ impl HostCache {
             shape: None,
             tag: AtomicU64::new(0),
             ttl_ms: 0,
+            code: 0,
         }
     }
 
@@ -237,10 +248,10 @@ impl HostCache {
         ) {
             return None;
         }
-        let out = if self.shape.is_some() || self.ttl_ms != 0 {
-            open(host, self.name, self.tag(), self.ttl_ms)?
+        let out = if self.shape.is_some() || self.ttl_ms != 0 || self.code != 0 {
+            open(host, self.name, self.tag(), self.ttl_ms, self.code)?
         } else {
-            open(host, self.name, 0, 0)?
+            open(host, self.name, 0, 0, 0)?
         };
         // Two threads may both resolve: the host gives both the same handle.
         self.handle.store(out as *mut c_void, Ordering::Release);
@@ -306,14 +317,21 @@ impl HostCache {
 }
 
 /// Opens a handle on the cache `name` whose values carry the shape tag
-/// `tag` and live `ttl_ms` (0: unchecked, forever); `None` on failure.
+/// `tag`, live `ttl_ms` (0: unchecked, forever) and are computed by code of
+/// identity `code` (0: none); `None` on failure.
 ///
 /// A host without `cache_open_with` (older than the shape check) gives a
 /// plain handle: the SDK still checks the tag of every value it decodes.
-fn open(host: &'static KwHostApi, name: &str, tag: u64, ttl_ms: u64) -> Option<KwCacheHandle> {
+pub(crate) fn open(
+    host: &KwHostApi,
+    name: &str,
+    tag: u64,
+    ttl_ms: u64,
+    code: u64,
+) -> Option<KwCacheHandle> {
     let mut out: KwCacheHandle = core::ptr::null();
     let name = KwSlice::from_str(name);
-    let status = if (tag != 0 || ttl_ms != 0)
+    let status = if (tag != 0 || ttl_ms != 0 || code != 0)
         && has(host, core::mem::offset_of!(KwHostApi, cache_open_with))
     {
         let opts = KwOpenOptions {
@@ -321,6 +339,7 @@ fn open(host: &'static KwHostApi, name: &str, tag: u64, ttl_ms: u64) -> Option<K
             flags: 0,
             shape: tag,
             ttl_ms,
+            code,
         };
         // SAFETY: the table has the function (checked); the name and the
         // options borrow live data for the call; `out` is a valid out-pointer.
@@ -354,7 +373,7 @@ fn named_handle(host: &'static KwHostApi, name: &str, tag: u64) -> Option<KwCach
     if let Some(&h) = by_name.get(name) {
         return Some(h as KwCacheHandle);
     }
-    let h = open(host, name, tag, 0)?;
+    let h = open(host, name, tag, 0, 0)?;
     by_name.insert(name.to_owned(), h as usize);
     Some(h)
 }

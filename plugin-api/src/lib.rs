@@ -204,6 +204,14 @@ pub mod __private {
     #[linkme::distributed_slice]
     #[linkme(crate = linkme)]
     pub static MEMO_CACHES: [crate::abi::KwCacheDecl];
+
+    /// Each `#[memo]` cache with the identity of its function's code
+    /// (body, `version`, module path): opened at load, so that the host
+    /// knows the identity under which the cache's entries are shared
+    /// before the first call (`keepwarm reset CACHE --shared`).
+    #[linkme::distributed_slice]
+    #[linkme(crate = linkme)]
+    pub static MEMO_CODES: [(&'static str, u64)];
 }
 
 /// Logs one line through the host, tagged there with this plugin's

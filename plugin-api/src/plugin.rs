@@ -505,6 +505,11 @@ pub unsafe fn on_load(
         }
         // SAFETY: checked non-NULL and of our version; valid while loaded.
         unsafe { crate::host::install(host) };
+        // Tell the host the code identity of each #[memo] cache now (a
+        // handle with no shape), not at its first call.
+        for &(name, code) in crate::__private::MEMO_CODES.iter() {
+            let _ = crate::host::open(table, name, 0, 0, code);
+        }
         match hook.map(|h| h()) {
             None | Some(Ok(())) => abi::KW_OK,
             Some(Err(e)) => {

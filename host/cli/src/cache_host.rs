@@ -37,6 +37,7 @@ pub fn serve(args: ServeArgs, socket: Option<PathBuf>) -> anyhow::Result<()> {
         cache_bounds: args.caches.into_iter().collect(),
         persist: args.persist,
         persist_max_bytes: args.persist_max_bytes,
+        shared: args.shared.config(),
         events: Some(crate::output::event_sink()),
         ..Config::default()
     };

@@ -94,6 +94,76 @@ pub struct DevArgs {
         conflicts_with = "build_only"
     )]
     pub persist: Option<PathBuf>,
+    #[command(flatten)]
+    pub shared: SharedArgs,
+}
+
+/// The shared tier's arguments, the same on `run`, `serve` and `dev`.
+#[derive(Debug, Args, Clone, Default)]
+pub struct SharedArgs {
+    /// Share entries with other hosts through a Redis or Valkey server, behind the local caches: hosts running the same code share, other builds never see them; with the server down every call still answers
+    #[arg(long, value_name = "URL", env = "KEEPWARM_SHARED", value_parser = parse_shared_url)]
+    pub shared: Option<String>,
+    /// The namespace of the shared keys (hosts share only within one)
+    #[arg(
+        long,
+        value_name = "NAME",
+        env = "KEEPWARM_SHARED_PREFIX",
+        default_value = keepwarm::shared::DEFAULT_PREFIX,
+        value_parser = parse_prefix
+    )]
+    pub shared_prefix: String,
+    /// Milliseconds a shared read may take; past it the call computes
+    #[arg(
+        long,
+        value_name = "MS",
+        env = "KEEPWARM_SHARED_TIMEOUT_MS",
+        default_value_t = 50,
+        value_parser = clap::value_parser!(u64).range(1..=60_000)
+    )]
+    pub shared_timeout: u64,
+}
+
+impl SharedArgs {
+    /// The runtime's configuration, with `--shared`.
+    pub fn config(&self) -> Option<keepwarm::shared::SharedConfig> {
+        let url = self.shared.as_ref()?;
+        Some(keepwarm::shared::SharedConfig {
+            url: url.clone(),
+            prefix: self.shared_prefix.clone(),
+            timeout: std::time::Duration::from_millis(self.shared_timeout),
+        })
+    }
+
+    /// The same arguments for a worker's command line.
+    pub fn to_args(&self) -> Vec<std::ffi::OsString> {
+        match &self.shared {
+            None => Vec::new(),
+            Some(url) => vec![
+                "--shared".into(),
+                url.into(),
+                "--shared-prefix".into(),
+                self.shared_prefix.clone().into(),
+                "--shared-timeout".into(),
+                self.shared_timeout.to_string().into(),
+            ],
+        }
+    }
+}
+
+/// `--shared URL`: a URL the Redis client understands.
+fn parse_shared_url(s: &str) -> Result<String, String> {
+    keepwarm::shared::SharedConfig::new(s).map(|c| c.url)
+}
+
+/// `--shared-prefix NAME`: not empty.
+fn parse_prefix(s: &str) -> Result<String, String> {
+    if s.trim().is_empty() {
+        return Err(
+            "the shared namespace is empty; give a name such as `keepwarm` or `team-a`".into(),
+        );
+    }
+    Ok(s.to_owned())
 }
 
 /// Arguments of `keepwarm serve`.
@@ -108,6 +178,8 @@ pub struct ServeArgs {
     /// Bound the store of --persist to BYTES (as for `run`)
     #[arg(long, value_name = "BYTES", requires = "persist", value_parser = parse_bytes)]
     pub persist_max_bytes: Option<u64>,
+    #[command(flatten)]
+    pub shared: SharedArgs,
 }
 
 /// Arguments of `keepwarm run`.
@@ -131,6 +203,8 @@ pub struct RunArgs {
     /// Bound the store of --persist to BYTES of keys plus values; the oldest entries go first [default: a quarter of the free space of DIR's file system]
     #[arg(long, value_name = "BYTES", requires = "persist", value_parser = parse_bytes)]
     pub persist_max_bytes: Option<u64>,
+    #[command(flatten)]
+    pub shared: SharedArgs,
 }
 
 /// A byte count: `1048576`, `512K`, `64M`, `2G` (powers of 1024).
@@ -193,8 +267,8 @@ Example:\n  keepwarm call square 10      # prints 100\n  keepwarm call version  
     },
     /// Drop the entries of one named cache, or of all
     #[command(
-        after_help = "Example:\n  keepwarm reset square\n  keepwarm reset --all",
-        override_usage = "keepwarm reset <CACHE>\n       keepwarm reset --all"
+        after_help = "Example:\n  keepwarm reset square\n  keepwarm reset --all\n  keepwarm reset square --shared   # the shared tier's entries of this build too",
+        override_usage = "keepwarm reset <CACHE> [--shared]\n       keepwarm reset --all [--shared]"
     )]
     Reset {
         /// The cache (or --all for every cache)
@@ -203,6 +277,9 @@ Example:\n  keepwarm call square 10      # prints 100\n  keepwarm call version  
         /// Reset every cache
         #[arg(long)]
         all: bool,
+        /// Drop the shared tier's entries of the current build too (without it, a reset is local)
+        #[arg(long)]
+        shared: bool,
     },
     /// Per-cache figures
     #[command(after_help = "Example:\n  keepwarm stats\n  keepwarm stats square --json")]
@@ -240,10 +317,11 @@ impl ControlCommand {
                 args: args.iter().map(|a| parse_call_arg(a)).collect(),
                 tag: None,
             },
-            ControlCommand::Reset { cache, all } => Request::Reset {
+            ControlCommand::Reset { cache, all, shared } => Request::Reset {
                 v: Some(1),
                 cache: cache.clone(),
                 all: *all,
+                shared: *shared,
             },
             ControlCommand::Stats { cache, .. } => Request::Stats {
                 v: Some(1),
@@ -291,10 +369,26 @@ impl ControlCommand {
             }
             ControlCommand::Reset { .. } => {
                 let dropped = result.get("dropped").and_then(|d| d.as_u64()).unwrap_or(0);
-                match result.get("cache").and_then(|c| c.as_str()) {
+                let mut line = match result.get("cache").and_then(|c| c.as_str()) {
                     Some(name) => format!("reset {name}: {} dropped", entries(dropped)),
                     None => format!("reset all caches: {} dropped", entries(dropped)),
+                };
+                if let Some(n) = result.get("shared_dropped").and_then(|d| d.as_u64()) {
+                    line.push_str(&format!(
+                        ", and {} of this build from the shared tier",
+                        entries(n)
+                    ));
+                } else if result.get("shared_kept").is_some() {
+                    line.push_str(" (local only: the shared tier keeps this build's entries, and a local miss finds them again; add --shared to drop them too)");
                 }
+                if let Some(e) = result.get("shared_error").and_then(|e| e.as_str()) {
+                    return Rendered {
+                        stdout: line,
+                        stderr: format!("keepwarm: the shared entries were not dropped: {e}"),
+                        status: EXIT_FAILED,
+                    };
+                }
+                line
             }
             ControlCommand::Reload => match result.get("generation") {
                 Some(g) => format!("generation {g} loaded"),
@@ -381,6 +475,16 @@ pub fn stats_table(stats: &[CacheStats]) -> String {
     let mut out = vec![line(header.to_vec())];
     for row in &rows {
         out.push(line(row.iter().map(String::as_str).collect()));
+    }
+    // The shared tier's figures, for the caches that used it.
+    for s in stats.iter().filter(|s| {
+        s.shared_hits + s.shared_misses + s.shared_errors + s.shared_writes + s.shared_queue_drops
+            > 0
+    }) {
+        out.push(format!(
+            "{}: shared tier {} hits, {} misses, {} written, {} errors ({} refused), {} dropped from a full queue",
+            s.name, s.shared_hits, s.shared_misses, s.shared_writes, s.shared_errors, s.shared_refused, s.shared_queue_drops
+        ));
     }
     if rows.is_empty() {
         out.push("(no caches yet)".to_owned());
@@ -479,6 +583,19 @@ pub fn status_text(s: &Status) -> String {
         lines.push(format!(
             "bad build:      {:08x} (generation {}: {}) is not loaded again until the file changes",
             bad.hash, bad.generation, bad.why
+        ));
+    }
+    if let Some(shared) = &s.shared {
+        lines.push(format!(
+            "shared tier:    {} ({}, namespace {}){}",
+            shared.url,
+            shared.state,
+            shared.prefix,
+            shared
+                .last_error
+                .as_ref()
+                .map(|e| format!("; last error: {e}"))
+                .unwrap_or_default()
         ));
     }
     lines.join("\n")

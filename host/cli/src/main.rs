@@ -135,6 +135,7 @@ fn run(args: RunArgs, socket: Option<std::path::PathBuf>) -> anyhow::Result<()> 
     config.then = args.then;
     config.persist = args.persist;
     config.persist_max_bytes = args.persist_max_bytes;
+    config.shared = args.shared.config();
     config.events = Some(match &worker.supervised.start_from {
         // A restart: the supervisor's crash line says which generation
         // serves again; its load is not said a second time.
@@ -199,6 +200,7 @@ fn dev(args: DevArgs, socket: Option<std::path::PathBuf>) -> anyhow::Result<()> 
         then: None,
         persist: args.persist,
         persist_max_bytes: None,
+        shared: args.shared,
     };
     let mut worker_args: Vec<std::ffi::OsString> = vec!["run".into(), built.library.clone().into()];
     for (name, bounds) in &run_args.caches {
@@ -213,6 +215,7 @@ fn dev(args: DevArgs, socket: Option<std::path::PathBuf>) -> anyhow::Result<()> 
         worker_args.push("--persist".into());
         worker_args.push(dir.clone().into());
     }
+    worker_args.extend(run_args.shared.to_args());
     let socket = match socket {
         Some(s) => s,
         None => crate::paths::default_socket(&built.library)?,

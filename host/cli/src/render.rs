@@ -91,7 +91,7 @@ pub fn line(event: &Event) -> String {
             function,
             outcome: Err(e),
         } => format!("keepwarm: {function}() failed: {e} (the host keeps serving)"),
-        Event::Store { message } => format!("keepwarm: {message}"),
+        Event::Store { message } | Event::Shared { message } => format!("keepwarm: {message}"),
         Event::Log {
             generation,
             level,

@@ -28,6 +28,11 @@ pub enum EntryOp {
         /// Entry bound the client asks for (`maxsize`), unless the user
         /// bounded the cache with `--cache`.
         max_entries: Option<u64>,
+        /// The identity of the client's code for this cache (up to 16 hex
+        /// digits, not 0): on a host with a shared tier, this connection's
+        /// entries of the cache are shared under it. Without it they are
+        /// not shared.
+        code: Option<u64>,
     },
     /// Looks a key up.
     Get {
@@ -84,7 +89,7 @@ pub const COMMANDS: [&str; 6] = ["open", "get", "get_or_wait", "put", "release",
 /// The fields each entry command takes.
 pub fn fields(cmd: &str) -> Option<&'static [&'static str]> {
     Some(match cmd {
-        "open" => &["cmd", "v", "cache", "max_entries"],
+        "open" => &["cmd", "v", "cache", "max_entries", "code"],
         "get" => &["cmd", "v", "cache", "key", "hits"],
         "get_or_wait" => &["cmd", "v", "cache", "key", "hits", "wait_s"],
         "put" => &["cmd", "v", "cache", "key", "value", "stamp"],
@@ -119,6 +124,17 @@ impl EntryOp {
                 max_entries: match o.opt_u64("max_entries")? {
                     Some(0) => return Err("`max_entries` must be at least 1".into()),
                     n => n,
+                },
+                code: match o.opt_str("code")? {
+                    None => None,
+                    Some(hex) => Some(
+                        u64::from_str_radix(&hex, 16)
+                            .ok()
+                            .filter(|&c| c != 0 && hex.len() <= 16 && !hex.starts_with('+'))
+                            .ok_or_else(|| {
+                                format!("`code` {hex:?} is not 1 to 16 hex digits (not all 0)")
+                            })?,
+                    ),
                 },
             },
             "get" => EntryOp::Get {
@@ -161,10 +177,17 @@ impl EntryOp {
     pub fn to_json(&self) -> (&'static str, Value) {
         let b = |bytes: &[u8]| Value::String(BASE64.encode(bytes));
         match self {
-            EntryOp::Open { cache, max_entries } => {
+            EntryOp::Open {
+                cache,
+                max_entries,
+                code,
+            } => {
                 let mut body = json!({ "cache": cache });
                 if let Some(n) = max_entries {
                     body["max_entries"] = json!(n);
+                }
+                if let Some(c) = code {
+                    body["code"] = json!(format!("{c:016x}"));
                 }
                 ("open", body)
             }
@@ -214,6 +237,7 @@ mod tests {
             EntryOp::Open {
                 cache: "square".into(),
                 max_entries: Some(10),
+                code: Some(0x00ab_cdef_0123_4567),
             },
             EntryOp::Get {
                 cache: "square".into(),

@@ -24,6 +24,9 @@ use crate::cache::Cache;
 #[derive(Debug)]
 pub struct Session {
     id: u64,
+    /// The shared identity of each cache this connection opened with a
+    /// code (`open`'s `code`), with a shared tier.
+    shared: parking_lot::Mutex<std::collections::HashMap<String, crate::shared::SharedId>>,
 }
 
 static NEXT_SESSION: AtomicU64 = AtomicU64::new(1);
@@ -33,7 +36,19 @@ impl Session {
     pub fn new() -> Session {
         Session {
             id: NEXT_SESSION.fetch_add(1, Ordering::Relaxed),
+            shared: Default::default(),
         }
+    }
+
+    /// Records that this connection's entries of `cache` are shared under
+    /// `id`.
+    pub fn share(&self, cache: &str, id: crate::shared::SharedId) {
+        self.shared.lock().insert(cache.to_owned(), id);
+    }
+
+    /// The identity this connection's entries of `cache` are shared under.
+    pub fn shared_id(&self, cache: &str) -> Option<crate::shared::SharedId> {
+        self.shared.lock().get(cache).cloned()
     }
 }
 

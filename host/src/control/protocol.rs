@@ -34,6 +34,8 @@ pub enum Request {
         cache: Option<String>,
         /// Reset every cache.
         all: bool,
+        /// Drop the shared tier's entries of the current code too.
+        shared: bool,
     },
     /// Per-cache figures.
     Stats {
@@ -82,10 +84,18 @@ impl Request {
                 }
                 ("call", v, body)
             }
-            Request::Reset { v, cache, all } => {
+            Request::Reset {
+                v,
+                cache,
+                all,
+                shared,
+            } => {
                 let mut body = json!({ "all": all });
                 if let Some(cache) = cache {
                     body["cache"] = json!(cache);
+                }
+                if *shared {
+                    body["shared"] = json!(true);
                 }
                 ("reset", v, body)
             }
@@ -120,7 +130,7 @@ impl Request {
         };
         let fields: &[&str] = match cmd {
             "call" => &["cmd", "v", "function", "args", "tag"],
-            "reset" => &["cmd", "v", "cache", "all"],
+            "reset" => &["cmd", "v", "cache", "all", "shared"],
             "stats" => &["cmd", "v", "cache"],
             "status" | "reload" => &["cmd", "v"],
             other if super::entries::fields(other).is_some() => {
@@ -154,6 +164,7 @@ impl Request {
                 v,
                 cache: o.opt_str("cache")?,
                 all: o.bool_or_false("all")?,
+                shared: o.bool_or_false("shared")?,
             },
             "stats" => Request::Stats {
                 v,
@@ -491,8 +502,18 @@ mod tests {
                         args,
                         tag
                     }),
-                (v.clone(), prop::option::of(".{0,16}"), any::<bool>())
-                    .prop_map(|(v, cache, all)| Request::Reset { v, cache, all }),
+                (
+                    v.clone(),
+                    prop::option::of(".{0,16}"),
+                    any::<bool>(),
+                    any::<bool>()
+                )
+                    .prop_map(|(v, cache, all, shared)| Request::Reset {
+                        v,
+                        cache,
+                        all,
+                        shared
+                    }),
                 (v.clone(), prop::option::of(".{0,16}"))
                     .prop_map(|(v, cache)| Request::Stats { v, cache }),
                 v.clone().prop_map(|v| Request::Status { v }),

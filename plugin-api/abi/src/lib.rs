@@ -388,6 +388,15 @@ pub struct KwOpenOptions {
     /// Entries older than this many milliseconds are misses through this
     /// handle (counted in `expired`) and are dropped; 0: no expiry.
     pub ttl_ms: u64,
+    /// The identity of the code that computes this handle's values (for
+    /// `#[memo]`: a hash of the function's body, its `version` and its
+    /// module path), or 0. Entries are shared with other hosts (`keepwarm
+    /// run --shared`) only under this identity and the shape tag, so a
+    /// build whose code changed never sees another's entries. When 0, the
+    /// cache's declared [`KwCacheDecl::code_hash`] is used; when both are 0
+    /// the entries are never shared. Added after `ttl_ms`: a host that
+    /// does not know it ignores it, a plugin built before it passes none.
+    pub code: u64,
 }
 
 /// One function the plugin exports, callable by name (`keepwarm call NAME`).

@@ -220,6 +220,18 @@ pub fn memo(attr: TokenStream, item: TokenStream) -> TokenStream {
         ]
         .concat(),
     ) | 1;
+    // The identity a shared tier shares the entries under: always the
+    // body (with the version and which options were asked), whatever
+    // reset_on_change says; the module path is added where it is known.
+    let shared_code = fnv64(
+        &[
+            b"keepwarm memo shared identity 1".as_slice(),
+            original.to_string().as_bytes(),
+            &[u8::from(reset_on_change), u8::from(version.is_some())],
+            &version.unwrap_or(0).to_le_bytes(),
+        ]
+        .concat(),
+    );
     let returns_option = matches!(&**ret, Type::Path(p) if p.path.segments.last().is_some_and(|s| s.ident == "Option"));
     if option && !returns_option {
         return error(
@@ -277,8 +289,23 @@ pub fn memo(attr: TokenStream, item: TokenStream) -> TokenStream {
                 )
             }
             static __KW_MEMO_KEY_SHAPE: ::core::sync::atomic::AtomicU64 = ::core::sync::atomic::AtomicU64::new(0);
+            const __KW_MEMO_CODE: u64 = {
+                const fn fnv(mut hash: u64, text: &str) -> u64 {
+                    let bytes = text.as_bytes();
+                    let mut i = 0;
+                    while i < bytes.len() {
+                        hash = (hash ^ bytes[i] as u64).wrapping_mul(0x0100_0000_01b3);
+                        i += 1;
+                    }
+                    hash
+                }
+                fnv(#shared_code, ::core::module_path!()) | 1
+            };
+            #[::keepwarm_api::__private::linkme::distributed_slice(::keepwarm_api::__private::MEMO_CODES)]
+            #[linkme(crate = ::keepwarm_api::__private::linkme)]
+            static __KW_MEMO_CODE_DECL: (&'static str, u64) = (#cache, __KW_MEMO_CODE);
             static __KW_MEMO_HANDLE: ::keepwarm_api::HostCache =
-                ::keepwarm_api::__private::memo_cache(#cache, __kw_memo_shape, #ttl_ms);
+                ::keepwarm_api::__private::memo_cache(#cache, __kw_memo_shape, #ttl_ms, __KW_MEMO_CODE);
             #(#checks)*
             #ret_check
             if __KW_MEMO_KEY_SHAPE.load(::core::sync::atomic::Ordering::Relaxed) == 0 {

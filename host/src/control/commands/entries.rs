@@ -43,12 +43,34 @@ fn found(host: &Host, cache: &Cache, epoch: u64, value: Option<&[u8]>) -> serde_
     result
 }
 
+/// The plugin name in the shared identity of a protocol client's entries.
+pub const SERVE_PLUGIN: &str = "serve";
+
+/// After a local miss: the entry from the shared tier, when this
+/// connection opened the cache with a code and the tier has it (stored
+/// locally, and counted as a hit).
+fn shared_fetch(host: &Host, c: &Cache, key: &[u8], session: &Session) -> Option<Arc<[u8]>> {
+    let tier = host.store().shared()?;
+    let id = session.shared_id(c.name())?;
+    c.shared_fetch(crate::cache::SharedLookup { tier, id: &id }, key)
+}
+
 /// Carries out one entry command for the connection of `session`.
 pub(super) fn run(host: &Host, op: EntryOp, session: &Session) -> Response {
     let store = host.store();
     match op {
-        EntryOp::Open { cache, max_entries } => {
+        EntryOp::Open {
+            cache,
+            max_entries,
+            code,
+        } => {
             let c = store.cache(&cache);
+            if let (Some(code), Some(tier)) = (code, store.shared()) {
+                // The plugin part of a protocol client's identity: `serve`.
+                let id = tier.id(SERVE_PLUGIN, &cache, code, 0);
+                c.register_shared(0, &id);
+                session.share(&cache, id);
+            }
             if let Some(n) = max_entries.and_then(|n| usize::try_from(n).ok()) {
                 if let Some(max_entries) = std::num::NonZeroUsize::new(n) {
                     let bounds = Bounds {
@@ -74,7 +96,9 @@ pub(super) fn run(host: &Host, op: EntryOp, session: &Session) -> Response {
             let c = store.cache(&cache);
             c.count_hits(hits);
             let epoch = c.epoch();
-            let value = c.get(&key);
+            let value = c
+                .get(&key)
+                .or_else(|| shared_fetch(host, &c, &key, session));
             Response::ok(found(host, &c, epoch, value.as_deref()))
         }
         EntryOp::GetOrWait {
@@ -87,7 +111,18 @@ pub(super) fn run(host: &Host, op: EntryOp, session: &Session) -> Response {
             c.count_hits(hits);
             let epoch = c.epoch();
             let wait = Duration::from_secs_f64(wait_s);
-            match leases::get_or_wait(&c, &key, session, wait) {
+            let lookup = match leases::get_or_wait(&c, &key, session, wait) {
+                // This connection would compute: the shared tier may have it.
+                Lookup::Leased => match shared_fetch(host, &c, &key, session) {
+                    Some(v) => {
+                        leases::landed(&c, &key, Arc::clone(&v));
+                        Lookup::Found(v)
+                    }
+                    None => Lookup::Leased,
+                },
+                other => other,
+            };
+            match lookup {
                 Lookup::Found(v) => Response::ok(found(host, &c, epoch, Some(&v))),
                 lookup => {
                     let mut result = found(host, &c, epoch, None);
@@ -107,6 +142,11 @@ pub(super) fn run(host: &Host, op: EntryOp, session: &Session) -> Response {
                 Some(s) => c.put_in_epoch(&key, &value, epoch_of(host, &c, s)),
                 None => c.put(&key, &value).map(|()| true),
             };
+            if let (Ok(true), Some(id), Some(tier)) =
+                (&stored, session.shared_id(&cache), store.shared())
+            {
+                tier.put(&id, &key, &value, 0, None, c.shared_counters());
+            }
             // Waiters get the value even when it is not kept.
             leases::landed(&c, &key, Arc::from(value));
             match stored {

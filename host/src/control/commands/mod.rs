@@ -27,7 +27,9 @@ pub fn handle_in(host: &Host, request: Request, session: &super::leases::Session
             tag,
             ..
         } => crate::in_flight::with_tag(tag, || call::run(host, &function, &args)),
-        Request::Reset { cache, all, .. } => reset::run(host, cache.as_deref(), all),
+        Request::Reset {
+            cache, all, shared, ..
+        } => reset::run(host, cache.as_deref(), all, shared),
         Request::Stats { cache, .. } => stats::run(host, cache.as_deref()),
         Request::Status { .. } => status::run(host),
         Request::Reload { .. } => reload::run(host),
