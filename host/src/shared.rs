@@ -572,7 +572,9 @@ impl SharedTier {
         let k = redis_key.clone();
         let answer = self.run(self.inner.timeout, async move {
             let mut conn = inner.conn.clone();
-            let (len, head): (u64, Vec<u8>) = redis::pipe()
+            let (exists, len, head): (bool, u64, Vec<u8>) = redis::pipe()
+                .cmd("EXISTS")
+                .arg(&k)
                 .cmd("STRLEN")
                 .arg(&k)
                 .cmd("GETRANGE")
@@ -581,8 +583,11 @@ impl SharedTier {
                 .arg(FIRST_READ - 1)
                 .query_async(&mut conn)
                 .await?;
+            if !exists {
+                return Ok::<_, redis::RedisError>(None);
+            }
             if len > MAX_VALUE || len <= head.len() as u64 {
-                return Ok::<_, redis::RedisError>((len, head));
+                return Ok(Some((len, head)));
             }
             // Longer than the first read: the rest, as long as it is now
             // (it may have changed meanwhile; the checks decide).
@@ -594,7 +599,7 @@ impl SharedTier {
                 .await?;
             let mut whole = head;
             whole.extend_from_slice(&rest);
-            Ok((len, whole))
+            Ok(Some((len, whole)))
         });
         match answer {
             None => {
@@ -617,12 +622,12 @@ impl SharedTier {
                 }
                 None
             }
-            Some(Ok((0, _))) => {
+            Some(Ok(None)) => {
                 self.inner.worked();
                 Counters::add(&counters.misses, 1);
                 None
             }
-            Some(Ok((len, bytes))) => {
+            Some(Ok(Some((len, bytes)))) => {
                 self.inner.worked();
                 let checked = if len > MAX_VALUE {
                     Err("longer than 64 MiB")

@@ -744,3 +744,403 @@ pub fn prompt_session(driver: &str, library: &Path, dir: &Path) -> String {
     );
     screen
 }
+
+/// A real `redis-server` for the shared tier's tests (issue 17): the
+/// Debian package's binary on 127.0.0.1 and a free port, with no
+/// persistence and its files in a private temporary directory; killed
+/// (SIGKILL) when dropped.
+///
+/// [`RedisServer::cmd`] is a tiny blocking RESP client, one fresh TCP
+/// connection per command, for a test to inspect and plant entries. It is
+/// the harness's only Redis client written by hand; the host speaks to
+/// Redis with the `redis` crate.
+///
+/// ```no_run
+/// let redis = keepwarm_tests::RedisServer::start();
+/// redis.set(b"k", b"v");
+/// assert_eq!(redis.get(b"k"), Some(b"v".to_vec()));
+/// assert_eq!(redis.keys("k*"), vec![b"k".to_vec()]);
+/// ```
+pub struct RedisServer {
+    child: Option<Child>,
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+/// One RESP reply, as [`RedisServer::cmd`] read it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RedisReply {
+    /// `+OK`, `+PONG`.
+    Simple(String),
+    /// `-ERR ...`: the server refused the command.
+    Error(String),
+    /// `:N`.
+    Integer(i64),
+    /// `$N` and N bytes; `None` for the null bulk string (`$-1`, a missing key).
+    Bulk(Option<Vec<u8>>),
+    /// `*N` and N replies; `None` for the null array (`*-1`).
+    Array(Option<Vec<RedisReply>>),
+}
+
+impl RedisReply {
+    /// The integer of an integer reply; panics on any other.
+    pub fn integer(&self) -> i64 {
+        match self {
+            RedisReply::Integer(n) => *n,
+            other => panic!("expected an integer reply from Redis, got {other:?}"),
+        }
+    }
+
+    /// The bytes of a bulk string reply (`None` for the null one); panics
+    /// on any other.
+    pub fn bulk(self) -> Option<Vec<u8>> {
+        match self {
+            RedisReply::Bulk(bytes) => bytes,
+            other => panic!("expected a bulk string reply from Redis, got {other:?}"),
+        }
+    }
+
+    /// The elements of an array reply (none for the null one); panics on
+    /// any other.
+    pub fn array(self) -> Vec<RedisReply> {
+        match self {
+            RedisReply::Array(items) => items.unwrap_or_default(),
+            other => panic!("expected an array reply from Redis, got {other:?}"),
+        }
+    }
+
+    /// Panics unless this is `+OK`.
+    pub fn ok(&self) {
+        assert_eq!(
+            self,
+            &RedisReply::Simple("OK".into()),
+            "expected +OK from Redis"
+        );
+    }
+}
+
+impl RedisServer {
+    /// Starts `redis-server` on a free port of 127.0.0.1 and waits until it
+    /// answers PING. Panics when the binary is not on `PATH`.
+    pub fn start() -> RedisServer {
+        let dir = tempfile::tempdir().unwrap();
+        let mut why = String::new();
+        // The free port is free when asked, not necessarily when Redis
+        // binds it (a parallel test may take it first): try another.
+        for _ in 0..5 {
+            let port = free_port();
+            match launch_redis(port, dir.path()) {
+                Ok(child) => {
+                    return RedisServer {
+                        child: Some(child),
+                        port,
+                        dir,
+                    }
+                }
+                Err(e) => why = e,
+            }
+        }
+        panic!("redis-server did not start on a free port in 5 tries; the last: {why}");
+    }
+
+    /// `redis://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// The TCP port it listens on (the same after [`RedisServer::restart`]).
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The server's process id; panics after [`RedisServer::kill`].
+    pub fn pid(&self) -> u32 {
+        self.child
+            .as_ref()
+            .expect("redis-server is not running (killed)")
+            .id()
+    }
+
+    /// Kills the server (SIGKILL) and waits for it: every entry is gone
+    /// (it saves nothing), and the port refuses connections.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the server again on the same port (killing it first if it
+    /// runs), empty, and waits until it answers PING.
+    pub fn restart(&mut self) {
+        self.kill();
+        let deadline = Instant::now() + WAIT;
+        loop {
+            match launch_redis(self.port, self.dir.path()) {
+                Ok(child) => {
+                    self.child = Some(child);
+                    return;
+                }
+                Err(why) => assert!(
+                    Instant::now() < deadline,
+                    "redis-server did not start again on port {}: {why}",
+                    self.port
+                ),
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Sends `signal` to the server: `libc::SIGSTOP` stalls it (connections
+    /// still open, nothing answers), `libc::SIGCONT` resumes it.
+    pub fn stop_signal(&self, signal: i32) {
+        // SAFETY: kill(2) on our own child's pid (still unreaped: `child` is
+        // only taken by kill(), which reaps it); no memory involved.
+        let done = unsafe { libc::kill(self.pid() as i32, signal) };
+        assert_eq!(
+            done,
+            0,
+            "kill({}, {signal}): {}",
+            self.pid(),
+            std::io::Error::last_os_error()
+        );
+    }
+
+    /// Runs one command (`&[b"SET", key, value]`) over a fresh connection
+    /// and returns the reply, an error reply included. Panics when the
+    /// server cannot be reached or answers nonsense.
+    pub fn cmd(&self, args: &[&[u8]]) -> RedisReply {
+        redis_command(self.port, args)
+    }
+
+    /// Every key matching the glob `pattern`, sorted, by `SCAN ... MATCH
+    /// pattern COUNT 1000` (never `KEYS`).
+    pub fn keys(&self, pattern: &str) -> Vec<Vec<u8>> {
+        let mut cursor = b"0".to_vec();
+        let mut found = Vec::new();
+        loop {
+            let reply = self
+                .cmd(&[
+                    b"SCAN",
+                    &cursor,
+                    b"MATCH",
+                    pattern.as_bytes(),
+                    b"COUNT",
+                    b"1000",
+                ])
+                .array();
+            let [next, keys]: [RedisReply; 2] = reply
+                .try_into()
+                .unwrap_or_else(|r| panic!("SCAN answered {r:?}"));
+            cursor = next.bulk().expect("SCAN's cursor");
+            found.extend(
+                keys.array()
+                    .into_iter()
+                    .map(|k| k.bulk().expect("SCAN's keys are bulk strings")),
+            );
+            if cursor == b"0" {
+                break;
+            }
+        }
+        // SCAN may return a key twice.
+        found.sort();
+        found.dedup();
+        found
+    }
+
+    /// `GET key`: its value, or `None` when there is no such key.
+    pub fn get(&self, key: &[u8]) -> Option<Vec<u8>> {
+        self.cmd(&[b"GET", key]).bulk()
+    }
+
+    /// `SET key value`.
+    pub fn set(&self, key: &[u8], value: &[u8]) {
+        self.cmd(&[b"SET", key, value]).ok();
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A TCP port of 127.0.0.1 that was free a moment ago.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("binding 127.0.0.1:0")
+        .port()
+}
+
+/// The `redis-server` binary on `PATH`.
+fn redis_server_bin() -> PathBuf {
+    std::env::var_os("PATH")
+        .iter()
+        .flat_map(std::env::split_paths)
+        .map(|dir| dir.join("redis-server"))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| {
+            panic!(
+                "redis-server is not on PATH: the shared tier's tests run a real Redis; \
+                 install the Debian package redis-server (apt-get install redis-server; \
+                 .ci/run does)"
+            )
+        })
+}
+
+/// Starts `redis-server` on `port` with its files in `dir` and waits until
+/// that process (not another one on the port) answers PING; the error says
+/// why not, with what the server printed.
+fn launch_redis(port: u16, dir: &Path) -> Result<Child, String> {
+    let log = dir.join(format!("redis-{port}.log"));
+    let out = dir.join(format!("redis-{port}.out"));
+    let output = std::fs::File::create(&out).unwrap();
+    let mut child = Command::new(redis_server_bin())
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+        .args(["--save", "", "--appendonly", "no"])
+        .arg("--dir")
+        .arg(dir)
+        .args(["--protected-mode", "no", "--daemonize", "no"])
+        .arg("--logfile")
+        .arg(&log)
+        .stdin(Stdio::null())
+        .stdout(output.try_clone().unwrap())
+        .stderr(output)
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting redis-server: {e}"));
+    let printed = || {
+        let mut text = std::fs::read_to_string(&out).unwrap_or_default();
+        text.push_str(&std::fs::read_to_string(&log).unwrap_or_default());
+        text
+    };
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if redis_ping(port) && redis_pid(port) == Some(child.id()) {
+            return Ok(child);
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(format!(
+                "redis-server on port {port} exited ({status}):\n{}",
+                printed()
+            ));
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(format!(
+                "redis-server on port {port} did not answer PING within {WAIT:?}:\n{}",
+                printed()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Whether a server on `port` answers an inline `PING` with `+PONG` (within
+/// half a second).
+fn redis_ping(port: u16) -> bool {
+    use std::io::{Read, Write};
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let Ok(mut stream) = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(500))
+    else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
+    let _ = stream.set_write_timeout(Some(Duration::from_millis(500)));
+    if stream.write_all(b"PING\r\n").is_err() {
+        return false;
+    }
+    let mut answer = [0u8; 7];
+    let mut got = 0;
+    while got < answer.len() {
+        match stream.read(&mut answer[got..]) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got += n,
+        }
+    }
+    answer[..got].starts_with(b"+PONG")
+}
+
+/// The process id the server on `port` reports (`INFO server`).
+fn redis_pid(port: u16) -> Option<u32> {
+    let info = redis_command(port, &[b"INFO", b"server"]).bulk()?;
+    String::from_utf8_lossy(&info)
+        .lines()
+        .find_map(|l| l.strip_prefix("process_id:"))
+        .and_then(|pid| pid.trim().parse().ok())
+}
+
+/// One command over a fresh connection to 127.0.0.1:`port`.
+fn redis_command(port: u16, args: &[&[u8]]) -> RedisReply {
+    use std::io::Write;
+    let stream = std::net::TcpStream::connect(("127.0.0.1", port))
+        .unwrap_or_else(|e| panic!("connecting to redis-server on port {port}: {e}"));
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut request = format!("*{}\r\n", args.len()).into_bytes();
+    for arg in args {
+        request.extend_from_slice(format!("${}\r\n", arg.len()).as_bytes());
+        request.extend_from_slice(arg);
+        request.extend_from_slice(b"\r\n");
+    }
+    (&stream)
+        .write_all(&request)
+        .unwrap_or_else(|e| panic!("writing to redis-server on port {port}: {e}"));
+    read_reply(&mut BufReader::new(&stream))
+        .unwrap_or_else(|e| panic!("reading redis-server's reply on port {port}: {e}"))
+}
+
+/// Reads one RESP2 reply (arrays recursively).
+fn read_reply(reader: &mut impl BufRead) -> std::io::Result<RedisReply> {
+    use std::io::{Error, ErrorKind};
+    let mut line = Vec::new();
+    reader.read_until(b'\n', &mut line)?;
+    if !line.ends_with(b"\r\n") {
+        return Err(Error::new(
+            ErrorKind::UnexpectedEof,
+            format!(
+                "a reply line cut short: {:?}",
+                String::from_utf8_lossy(&line)
+            ),
+        ));
+    }
+    line.truncate(line.len() - 2);
+    let Some((&kind, rest)) = line.split_first() else {
+        return Err(Error::new(ErrorKind::InvalidData, "an empty reply line"));
+    };
+    let text = String::from_utf8_lossy(rest).into_owned();
+    let number = || {
+        text.parse::<i64>()
+            .map_err(|e| Error::new(ErrorKind::InvalidData, format!("{text:?}: {e}")))
+    };
+    Ok(match kind {
+        b'+' => RedisReply::Simple(text.clone()),
+        b'-' => RedisReply::Error(text.clone()),
+        b':' => RedisReply::Integer(number()?),
+        b'$' => match usize::try_from(number()?) {
+            Err(_) => RedisReply::Bulk(None),
+            Ok(len) => {
+                let mut bytes = vec![0; len + 2];
+                std::io::Read::read_exact(reader, &mut bytes)?;
+                bytes.truncate(len);
+                RedisReply::Bulk(Some(bytes))
+            }
+        },
+        b'*' => match usize::try_from(number()?) {
+            Err(_) => RedisReply::Array(None),
+            Ok(len) => RedisReply::Array(Some(
+                (0..len)
+                    .map(|_| read_reply(reader))
+                    .collect::<std::io::Result<_>>()?,
+            )),
+        },
+        other => {
+            return Err(Error::new(
+                ErrorKind::InvalidData,
+                format!("unknown reply type {:?}", other as char),
+            ))
+        }
+    })
+}

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import atexit
 import functools
+import hashlib
 import inspect
+import marshal
 import os
 import pickle
 import threading
@@ -91,6 +93,9 @@ class _Cache:
         self.stamp = -1
         self.instance: Optional[int] = None
         self.capacity: Optional[int] = None
+        # The identity of the function's code (see _code_id), sent with
+        # `open`: a host with a shared tier shares entries under it only.
+        self.code: Optional[str] = None
         self.hits = 0
         # Figures while no host answers.
         self.local_hits = 0
@@ -138,6 +143,8 @@ class _Cache:
         r: Dict[str, Any] = {"cmd": "open", "cache": self.name}
         if self.maxsize is not None:
             r["max_entries"] = self.maxsize
+        if self.code is not None:
+            r["code"] = self.code
         return r
 
     def opened(self, result: Dict[str, Any]) -> None:
@@ -271,6 +278,21 @@ class Memoized(Protocol[R_co]):
     def cache_parameters(self) -> Dict[str, Any]: ...  # pragma: no cover
 
 
+def _code_id(func: Callable[..., Any]) -> str:
+    """The identity of ``func``'s code, as 16 hex digits: a hash of its
+    source text (decorator line included), else of its compiled code. A host
+    started with ``--shared`` shares entries between machines only under it,
+    so an edited function never reads another's results there (the local
+    caches keep theirs across edits, as always)."""
+    try:
+        text = inspect.getsource(func).encode("utf-8")
+    except (OSError, TypeError):
+        code = getattr(func, "__code__", None)
+        text = marshal.dumps(code) if code is not None else repr(func).encode("utf-8")
+    digest = hashlib.blake2b(text, digest_size=8, person=b"keepwarm-py-code").digest()
+    return "%016x" % (int.from_bytes(digest, "little") | 1)
+
+
 class _Memo:
     """Builds the wrapper of one decorated function."""
 
@@ -281,6 +303,12 @@ class _Memo:
         if maxsize is not None:
             self.cache.maxsize = maxsize
             self.cache.limit = maxsize
+        code = _code_id(func)
+        with self.cache.lock:
+            if self.cache.code != code:
+                # Open again, under the new identity.
+                self.cache.code = code
+                self.cache.instance = None
         # The version is part of every key: entries of another version are
         # never found.
         self.prefix = repr(version).encode("utf-8") + b"\n"

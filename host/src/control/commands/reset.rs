@@ -16,12 +16,6 @@ use crate::host::Host;
 /// a shared tier (its entries of this code stay, and a local miss finds
 /// them again).
 pub(super) fn run(host: &Host, cache: Option<&str>, all: bool, shared: bool) -> Response {
-    if shared && host.store().shared().is_none() {
-        return Response::err(
-            ErrorCode::BadRequest,
-            "this host has no shared tier: --shared resets only a host started with --shared redis://HOST:PORT",
-        );
-    }
     let caches = match (cache, all) {
         (None, true) => host.store().all(),
         (Some(name), false) => match host.store().get(name) {
