@@ -462,6 +462,9 @@ impl SharedTier {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("keepwarm-shared")
+            // The runtime's threads are the host's, not a plugin's: a
+            // generation retiring never waits on them.
+            .on_thread_start(crate::threads::register_current)
             .enable_all()
             .build()
             .map_err(|e| format!("starting the shared tier's runtime: {e}"))?;

@@ -263,6 +263,17 @@ typedef struct KwOpenOptions {
    * handle (counted in `expired`) and are dropped; 0: no expiry.
    */
   uint64_t ttl_ms;
+  /**
+   * The identity of the code that computes this handle's values (for
+   * `#[memo]`: a hash of the function's body, its `version` and its
+   * module path), or 0. Entries are shared with other hosts (`keepwarm
+   * run --shared`) only under this identity and the shape tag, so a
+   * build whose code changed never sees another's entries. When 0, the
+   * cache's declared [`KwCacheDecl::code_hash`] is used; when both are 0
+   * the entries are never shared. Added after `ttl_ms`: a host that
+   * does not know it ignores it, a plugin built before it passes none.
+   */
+  uint64_t code;
 } KwOpenOptions;
 
 /**
@@ -594,7 +605,23 @@ static inline KwStatus host_cache_put_handle(KwCacheHandle cache, const void *ke
  *  a host without cache_open_with. */
 static inline KwCacheHandle host_cache_open_with(const char *cache, uint64_t shape, uint64_t ttl_ms) {
   KwCacheHandle handle = NULL;
-  KwOpenOptions opts = { sizeof(KwOpenOptions), 0, shape, ttl_ms };
+  KwOpenOptions opts = { sizeof(KwOpenOptions), 0, shape, ttl_ms, 0 };
+  if (keepwarm_host->size < offsetof(KwHostApi, cache_open_with) + sizeof(void *) ||
+      keepwarm_host->cache_open_with(keepwarm_host->ctx, kw_str(cache), &opts, &handle) != KW_OK) {
+    return NULL;
+  }
+  return handle;
+}
+
+/** Like host_cache_open_with, for values computed by code of identity
+ *  `code` (not 0: a hash of the code that computes them, changed whenever
+ *  that code changes): with `keepwarm run --shared`, entries are shared
+ *  with other hosts only under this identity (and the shape tag). A cache
+ *  opened without one is shared under its declared code_hash, or not at
+ *  all. NULL on a host without cache_open_with. */
+static inline KwCacheHandle host_cache_open_shared(const char *cache, uint64_t shape, uint64_t ttl_ms, uint64_t code) {
+  KwCacheHandle handle = NULL;
+  KwOpenOptions opts = { sizeof(KwOpenOptions), 0, shape, ttl_ms, code };
   if (keepwarm_host->size < offsetof(KwHostApi, cache_open_with) + sizeof(void *) ||
       keepwarm_host->cache_open_with(keepwarm_host->ctx, kw_str(cache), &opts, &handle) != KW_OK) {
     return NULL;
