@@ -398,14 +398,20 @@ impl Inner {
         }
     }
 
+    /// A request was answered. It does not end an outage: an answer to a
+    /// request sent before the server went away may arrive after the
+    /// outage began; only the pinger ([`Inner::back`]) ends one.
     fn worked(&self) {
         if !self.down.load(Ordering::Relaxed) {
             let mut h = self.health.lock();
             if !h.ever_connected {
                 h.ever_connected = true;
             }
-            return;
         }
+    }
+
+    /// The pinger reached the server again: the outage is over.
+    fn back(&self) {
         let mut h = self.health.lock();
         h.ever_connected = true;
         h.backoff = BACKOFF_MIN;
@@ -439,7 +445,7 @@ impl Inner {
                 if let Ok(Ok(_)) =
                     tokio::time::timeout(WRITE_TIMEOUT, ping.query_async::<String>(&mut conn)).await
                 {
-                    self.worked();
+                    self.back();
                     return;
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;
