@@ -1054,24 +1054,22 @@ impl Cache {
         let shape_ok = want
             .shape
             .is_none_or(|tag| found.value.get(..8) == Some(&tag[..]));
-        if !shape_ok {
-            // The key names the shape: a value of another under it was
-            // written by something else than keepwarm.
+        // The key names the shape: a value of another under it was written
+        // by something else than keepwarm (refused); an entry older than the
+        // handle's time to live is a miss.
+        let expired = want.ttl.is_some_and(|ttl| {
+            let age = crate::persist::now_ms().saturating_sub(found.born_ms);
+            u128::from(age) >= ttl.as_millis()
+        });
+        if !shape_ok || expired {
             use std::sync::atomic::Ordering::Relaxed;
             self.shared.hits.fetch_sub(1, Relaxed);
             self.shared.misses.fetch_add(1, Relaxed);
-            self.shared.refused.fetch_add(1, Relaxed);
-            self.shared.errors.fetch_add(1, Relaxed);
-            return None;
-        }
-        if let Some(ttl) = want.ttl {
-            let age = crate::persist::now_ms().saturating_sub(found.born_ms);
-            if u128::from(age) >= ttl.as_millis() {
-                use std::sync::atomic::Ordering::Relaxed;
-                self.shared.hits.fetch_sub(1, Relaxed);
-                self.shared.misses.fetch_add(1, Relaxed);
-                return None;
+            if !shape_ok {
+                self.shared.refused.fetch_add(1, Relaxed);
+                self.shared.errors.fetch_add(1, Relaxed);
             }
+            return None;
         }
         let v: Arc<[u8]> = Arc::from(found.value);
         let _ = self.store_at(

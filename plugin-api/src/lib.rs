@@ -205,6 +205,18 @@ pub mod __private {
     #[linkme(crate = linkme)]
     pub static MEMO_CACHES: [crate::abi::KwCacheDecl];
 
+    /// FNV-1a of `text`, continuing from `hash`: how `#[memo]` folds its
+    /// module path into its identities, at compile time.
+    pub const fn fnv_str(mut hash: u64, text: &str) -> u64 {
+        let bytes = text.as_bytes();
+        let mut i = 0;
+        while i < bytes.len() {
+            hash = (hash ^ bytes[i] as u64).wrapping_mul(0x0100_0000_01b3);
+            i += 1;
+        }
+        hash
+    }
+
     /// Each `#[memo]` cache with the identity of its function's code
     /// (body, `version`, module path): opened at load, so that the host
     /// knows the identity under which the cache's entries are shared

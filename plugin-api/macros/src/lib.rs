@@ -269,16 +269,7 @@ pub fn memo(attr: TokenStream, item: TokenStream) -> TokenStream {
                     // The module path is part of the identity: two #[memo]
                     // functions of one name in two modules never share
                     // entries (the host refuses such a plugin).
-                    const fn fnv(mut hash: u64, text: &str) -> u64 {
-                        let bytes = text.as_bytes();
-                        let mut i = 0;
-                        while i < bytes.len() {
-                            hash = (hash ^ bytes[i] as u64).wrapping_mul(0x0100_0000_01b3);
-                            i += 1;
-                        }
-                        hash
-                    }
-                    fnv(#code_hash, ::core::module_path!()) | 1
+                    ::keepwarm_api::__private::fnv_str(#code_hash, ::core::module_path!()) | 1
                 });
             // The shape of the values and keys, traced on first use in each
             // generation: an entry of another shape is a miss, never a hit.
@@ -289,18 +280,8 @@ pub fn memo(attr: TokenStream, item: TokenStream) -> TokenStream {
                 )
             }
             static __KW_MEMO_KEY_SHAPE: ::core::sync::atomic::AtomicU64 = ::core::sync::atomic::AtomicU64::new(0);
-            const __KW_MEMO_CODE: u64 = {
-                const fn fnv(mut hash: u64, text: &str) -> u64 {
-                    let bytes = text.as_bytes();
-                    let mut i = 0;
-                    while i < bytes.len() {
-                        hash = (hash ^ bytes[i] as u64).wrapping_mul(0x0100_0000_01b3);
-                        i += 1;
-                    }
-                    hash
-                }
-                fnv(#shared_code, ::core::module_path!()) | 1
-            };
+            const __KW_MEMO_CODE: u64 =
+                ::keepwarm_api::__private::fnv_str(#shared_code, ::core::module_path!()) | 1;
             #[::keepwarm_api::__private::linkme::distributed_slice(::keepwarm_api::__private::MEMO_CODES)]
             #[linkme(crate = ::keepwarm_api::__private::linkme)]
             static __KW_MEMO_CODE_DECL: (&'static str, u64) = (#cache, __KW_MEMO_CODE);
