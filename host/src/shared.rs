@@ -187,11 +187,6 @@ impl SharedId {
     pub fn code_prefix(&self) -> &[u8] {
         &self.key_prefix[..self.code_len]
     }
-
-    /// The whole prefix, as text (for messages and tests).
-    pub fn prefix_text(&self) -> String {
-        String::from_utf8_lossy(&self.key_prefix).into_owned()
-    }
 }
 
 /// A name as a key component: `%`, `:`, control characters and the glob
@@ -408,6 +403,12 @@ impl Inner {
                 h.ever_connected = true;
             }
         }
+    }
+
+    /// Keeps `error` as the last one `status` shows (a reply about one key,
+    /// a refused value: not an outage).
+    fn note(&self, error: String) {
+        self.health.lock().last_error = Some(error);
     }
 
     /// The pinger reached the server again: the outage is over.
@@ -627,7 +628,7 @@ impl SharedTier {
                     self.inner.failed(&e.to_string());
                 } else {
                     self.inner.worked();
-                    self.inner.health.lock().last_error = Some(e.to_string());
+                    self.inner.note(e.to_string());
                 }
                 None
             }
@@ -652,7 +653,7 @@ impl SharedTier {
                         Counters::add(&counters.refused, 1);
                         Counters::add(&counters.errors, 1);
                         Counters::add(&counters.misses, 1);
-                        self.inner.health.lock().last_error = Some(format!(
+                        self.inner.note(format!(
                             "refused the value of {}: {why}",
                             String::from_utf8_lossy(&redis_key)
                         ));
@@ -829,7 +830,7 @@ async fn write_behind(inner: Arc<Inner>, mut rx: tokio::sync::mpsc::Receiver<Wri
             outcome => {
                 let why = match outcome {
                     Ok(Err(e)) if !is_outage(&e) => {
-                        inner.health.lock().last_error = Some(e.to_string());
+                        inner.note(e.to_string());
                         None
                     }
                     Ok(Err(e)) => Some(e.to_string()),
